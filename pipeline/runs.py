@@ -1,0 +1,115 @@
+"""Run folders: what a stage writes, and the guarantees around it.
+
+A stage's ``output_dir`` holds::
+
+    run.json       stage, status (running / complete), timings and metrics; written by the main process
+    config.yaml    the resolved config of this run (re-readable with --config)
+    model/         the final model, an HF folder; appears in one rename when training ends
+    checkpoints/   the trainer's intermediate checkpoints (if any)
+    logs/          TensorBoard event files
+
+``model/`` is written under a temporary name and renamed into place, then ``run.json`` is
+marked complete, so an interrupted run never leaves a folder that looks like a finished one.
+A folder we did not create is never written into, and an existing finished run is only
+replaced when the user says ``if_exists: overwrite``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline import config as config_lib
+
+RUN_FILE = "run.json"
+MODEL_DIR = "model"
+IF_EXISTS = ("error", "reuse", "overwrite")
+
+
+def read_run(output_dir: str | os.PathLike) -> dict[str, Any] | None:
+    path = Path(output_dir) / RUN_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return None
+
+
+def is_complete(output_dir: str | os.PathLike, stage: str | None = None) -> bool:
+    info = read_run(output_dir)
+    return bool(info and info.get("status") == "complete" and (stage is None or info.get("stage") == stage))
+
+
+def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool = True) -> bool:
+    """Check ``output_dir`` before a run; return True when a finished run can be reused.
+
+    Raises ConfigError (one clear line) when the folder holds something we must not touch.
+    """
+    out = Path(output_dir)
+    info = read_run(out)
+    if out.exists() and not out.is_dir():
+        raise config_lib.ConfigError(f"output_dir '{out}' is a file; expected a folder")
+    if info is None:
+        if out.exists() and any(out.iterdir()):
+            raise config_lib.ConfigError(
+                f"output_dir '{out}' is not empty and holds no run of this tool; nothing was changed. "
+                "Choose an empty or new folder.")
+    elif info.get("stage") != stage:
+        raise config_lib.ConfigError(
+            f"output_dir '{out}' holds a '{info.get('stage')}' run, not a '{stage}' run; nothing was changed. "
+            "Choose another folder.")
+    elif info.get("status") == "complete":
+        if if_exists == "reuse":
+            saved = config_lib.load_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+            current = config_lib.to_dict(cfg)
+            differ = sorted(k for k in current if k != "if_exists" and saved.get(k) != current[k])
+            if differ:
+                raise config_lib.ConfigError(
+                    f"output_dir '{out}' holds a finished {stage} run with different settings "
+                    f"({', '.join(differ)}); nothing was changed. Use if_exists: overwrite or another folder.")
+            return True
+        if if_exists != "overwrite":
+            raise config_lib.ConfigError(
+                f"output_dir '{out}' already holds a finished {stage} run; nothing was changed. "
+                "Set if_exists: reuse to keep it, if_exists: overwrite to train again, or choose another folder.")
+    # an unfinished run of the same stage (status running) is simply started again
+    if is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        config_lib.save(cfg, out / "config.yaml")
+        write_run(out, stage, status="running", started_at=time.time())
+    return False
+
+
+def write_run(output_dir: str | os.PathLike, stage: str, **fields: Any) -> None:
+    out = Path(output_dir)
+    info = read_run(out) or {}
+    info.update(fields, stage=stage)
+    tmp = out / f".{RUN_FILE}.tmp"
+    tmp.write_text(json.dumps(info, indent=2, default=str) + "\n", encoding="utf-8")
+    os.replace(tmp, out / RUN_FILE)
+
+
+def publish_dir(staging: str | os.PathLike, final: str | os.PathLike) -> Path:
+    """Move a fully written folder into place with a rename, replacing an older one."""
+    staging, final = Path(staging), Path(final)
+    old = final.with_name(final.name + ".previous")
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(staging, final)
+    if old.exists():
+        shutil.rmtree(old)
+    return final
+
+
+def staging_dir(output_dir: str | os.PathLike, name: str = MODEL_DIR) -> Path:
+    path = Path(output_dir) / f".{name}.partial"
+    if path.exists():
+        shutil.rmtree(path)
+    return path

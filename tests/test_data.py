@@ -1,0 +1,177 @@
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, SHARED_DATA, write_jsonl
+from pipeline import data
+from pipeline.data import DataError
+
+GOOD_CHAT = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+
+
+def test_missing_file_names_it(tmp_path):
+    with pytest.raises(DataError, match=r"nope\.jsonl: file not found"):
+        data.load_sft(str(tmp_path / "nope.jsonl"))
+
+
+def test_malformed_json_line_names_the_line(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [GOOD_CHAT, GOOD_CHAT, '{"messages": [}'])
+    with pytest.raises(DataError) as e:
+        data.load_sft(str(path))
+    assert f"{path}:3: malformed JSON" in str(e.value)
+
+
+def test_non_object_line(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", ["[1, 2]"])
+    with pytest.raises(DataError, match=r"s\.jsonl:1: expected a JSON object"):
+        data.load_sft(str(path))
+
+
+def test_missing_field_lists_what_the_row_has(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a"}])
+    with pytest.raises(DataError) as e:
+        data.load_preferences(str(path))
+    assert f"{path}:1: missing field 'rejected'" in str(e.value) and "prompt, chosen" in str(e.value)
+
+
+@pytest.mark.parametrize("messages, expected", [
+    ([{"role": "assistant", "content": "x"}], r"messages\[0\]\.role: expected 'user'"),
+    ([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], r"messages\[1\]\.role: expected 'assistant'"),
+    ([{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}], r"messages\[1\]\.role: expected one of"),
+    ([{"role": "user", "content": "a"}], "must end with an assistant message"),
+    ([{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "system", "content": "s"}],
+     "a system message may only come first"),
+    ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}], r"messages\[0\]\.content: expected non-empty"),
+    ([{"role": "user"}], r"messages\[0\]: expected an object with 'role' and 'content'"),
+    ([], "non-empty list"),
+])
+def test_wrong_chat_roles_and_empty_texts(tmp_path, messages, expected):
+    path = write_jsonl(tmp_path / "s.jsonl", [GOOD_CHAT, {"messages": messages}])
+    with pytest.raises(DataError, match=expected) as e:
+        data.load_sft(str(path))
+    assert str(e.value).startswith(f"{path}:2:")
+
+
+def test_empty_response_in_pairs(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": " "}])
+    with pytest.raises(DataError, match=r"p\.jsonl:1: field 'rejected' is empty"):
+        data.load_preferences(str(path))
+
+
+def test_skip_invalid_drops_bad_rows_and_reports(tmp_path, capsys):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "chosen": "a", "rejected": ""},
+                                              {"prompt": "q", "chosen": "a", "rejected": "b"}])
+    ds = data.load_preferences(str(path), skip_invalid=True)
+    assert len(ds) == 1
+    assert "skipped 1 invalid row" in capsys.readouterr().err
+
+
+def test_empty_file(tmp_path):
+    path = tmp_path / "e.jsonl"
+    path.write_text("\n")
+    with pytest.raises(DataError, match="no rows"):
+        data.load_prompts(str(path))
+
+
+def test_field_mapping_renames_and_reports_missing_source_field(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"question": "q?", "good": "yes", "bad": "no"}])
+    ds = data.load_preferences(str(path), {"prompt": "question", "chosen": "good", "rejected": "bad"})
+    assert ds[0]["prompt"] == [{"role": "user", "content": "q?"}]
+    assert ds[0]["chosen"] == [{"role": "assistant", "content": "yes"}]
+    with pytest.raises(DataError, match="field 'answer' \\(mapped to 'chosen'\\) is missing"):
+        data.load_preferences(str(path), {"chosen": "answer"})
+
+
+def test_prompt_class_checked(tmp_path):
+    path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "q", "prompt_class": "dangerous"}])
+    with pytest.raises(DataError, match="prompt_class must be one of harmful, sensitive, safe"):
+        data.load_prompts(str(path))
+    path = write_jsonl(tmp_path / "q.jsonl", [{"prompt": "q"}])
+    with pytest.raises(DataError, match="missing field 'prompt_class'"):
+        data.load_prompts(str(path))
+    assert data.load_prompts(str(path), default_class="harmful")[0]["prompt_class"] == "harmful"
+
+
+def test_parquet_and_prompt_response_rows(tmp_path):
+    from datasets import Dataset
+
+    path = tmp_path / "s.parquet"
+    Dataset.from_list([{"prompt": "2+2?", "response": "4"}]).to_parquet(str(path))
+    ds = data.load_sft(str(path))
+    assert ds[0]["messages"] == [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+
+
+def test_hh_transcript_parsed_into_turns(tmp_path):
+    prompt = "\n\nHuman: first?\n\nAssistant: an answer\n\nHuman: second?\n\nAssistant:"
+    path = write_jsonl(tmp_path / "hh.jsonl", [{"prompt": prompt, "chosen": "good", "rejected": "bad"}])
+    ds = data.load_preferences(str(path))
+    assert ds[0]["prompt"] == [
+        {"role": "user", "content": "first?"},
+        {"role": "assistant", "content": "an answer"},
+        {"role": "user", "content": "second?"},
+    ]
+
+
+def test_split_dataset_uses_split_column_else_seeded_fraction(tmp_path):
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b", "split": "eval" if i % 4 == 0 else "train"}
+            for i in range(8)]
+    ds = data.load_preferences(str(write_jsonl(tmp_path / "p.jsonl", rows)))
+    train, evals = data.split_dataset(ds, 0.5, seed=0)
+    assert len(train) == 6 and len(evals) == 2
+    rows = [{"prompt": f"q{i}", "chosen": "a", "rejected": "b"} for i in range(10)]
+    ds = data.load_preferences(str(write_jsonl(tmp_path / "r.jsonl", rows)))
+    a_train, a_eval = data.split_dataset(ds, 0.2, seed=1)
+    b_train, b_eval = data.split_dataset(ds, 0.2, seed=1)
+    assert len(a_eval) == 2 and a_eval["prompt"] == b_eval["prompt"]
+    assert not set(map(str, a_eval["prompt"])) & set(map(str, a_train["prompt"]))
+
+
+# ---------------------------------------------------------------- the project's own data
+
+
+def _rows(name):
+    return [json.loads(line) for line in (REPO / "data" / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_project_sft_data():
+    ds = data.load_sft(str(REPO / "data" / "sft.jsonl"))
+    rows = _rows("sft.jsonl")
+    classes = Counter(r["prompt_class"] for r in rows)
+    assert len(ds) >= 150 and set(classes) == {"harmful", "sensitive", "safe"}
+    for r in rows:
+        if r["prompt_class"] == "harmful":  # ideal refusals are brief
+            assert len(r["messages"][-1]["content"].split()) <= 60, r["id"]
+
+
+def test_project_prompts():
+    ds = data.load_prompts(str(REPO / "data" / "prompts.jsonl"))
+    rows = _rows("prompts.jsonl")
+    assert len(ds) >= 300
+    assert sum(1 for r in rows if r["prompt_class"] == "safe" and r["borderline"]) >= 60
+    assert {r["split"] for r in rows} == {"train", "eval"}
+    assert len({r["prompt"].lower() for r in rows}) == len(rows)
+
+
+def test_project_preferences():
+    ds = data.load_preferences(str(REPO / "data" / "preferences.jsonl"))
+    rows = _rows("preferences.jsonl")
+    assert len(ds) >= 150
+    assert {r["kind"] for r in rows} == {"refusal_over_compliance", "help_over_refusal", "better_over_worse"}
+    assert all(r["chosen"] != r["rejected"] for r in rows)
+
+
+def test_eval_prompts_do_not_leak_into_training_data():
+    eval_prompts = {r["prompt"].strip().lower() for r in _rows("prompts.jsonl") if r["split"] == "eval"}
+    sft_prompts = {m["content"].strip().lower() for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"}
+    pref_prompts = {r["prompt"].strip().lower() for r in _rows("preferences.jsonl")}
+    assert not eval_prompts & sft_prompts
+    assert not eval_prompts & pref_prompts
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl").exists(), reason="../shared/data absent")
+def test_shared_hh_pairs_read_by_path():
+    ds = data.load_preferences(str(SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl"), skip_invalid=True)
+    assert len(ds) > 2000
+    assert all(p[-1]["role"] == "user" for p in ds["prompt"][:50])

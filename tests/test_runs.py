@@ -1,0 +1,54 @@
+import json
+
+import pytest
+
+from pipeline import runs
+from pipeline.config import ConfigError, from_dict
+from pipeline.sft import SFTStageConfig
+
+
+def _cfg(tmp_path, **kw):
+    return from_dict(SFTStageConfig, {"output_dir": str(tmp_path / "out"), **kw}, "test")
+
+
+def test_refuses_a_folder_it_did_not_create(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match="holds no run of this tool; nothing was changed"):
+        runs.prepare(out, "sft", _cfg(tmp_path), "error")
+    assert sorted(p.name for p in out.iterdir()) == ["precious.txt"]
+
+
+def test_finished_run_error_reuse_overwrite(tmp_path):
+    cfg = _cfg(tmp_path)
+    out = tmp_path / "out"
+    assert runs.prepare(out, "sft", cfg, "error") is False
+    runs.write_run(out, "sft", status="complete")
+    with pytest.raises(ConfigError, match="already holds a finished sft run"):
+        runs.prepare(out, "sft", cfg, "error")
+    assert runs.prepare(out, "sft", cfg, "reuse") is True
+    other = _cfg(tmp_path, max_steps=99)
+    with pytest.raises(ConfigError, match=r"different settings \(max_steps\)"):
+        runs.prepare(out, "sft", other, "reuse")
+    assert runs.prepare(out, "sft", other, "overwrite") is False
+    assert json.loads((out / "run.json").read_text())["status"] == "running"
+
+
+def test_other_stage_folder_is_refused(tmp_path):
+    out = tmp_path / "out"
+    runs.prepare(out, "reward_model", _cfg(tmp_path), "error")
+    with pytest.raises(ConfigError, match="holds a 'reward_model' run"):
+        runs.prepare(out, "sft", _cfg(tmp_path), "error")
+
+
+def test_publish_replaces_in_one_rename(tmp_path):
+    final = tmp_path / "model"
+    final.mkdir()
+    (final / "old").write_text("1")
+    staging = runs.staging_dir(tmp_path)
+    staging.mkdir()
+    (staging / "new").write_text("2")
+    runs.publish_dir(staging, final)
+    assert [p.name for p in final.iterdir()] == ["new"]
+    assert not staging.exists() and not (tmp_path / "model.previous").exists()
