@@ -1,0 +1,63 @@
+"""Launch paths: two CPU processes under accelerate, and the real SmolLM2 through both stages."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, write_jsonl
+from test_reward_model import toy_pairs
+from test_sft import CONV
+
+pytestmark = pytest.mark.slow
+
+
+def _launch(args, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+           str(REPO / "configs" / "accelerate" / "cpu_2proc.yaml"), *args]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_sft_runs_two_steps_on_two_processes(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "s.jsonl", [CONV] * 8)
+    _launch(["-m", "pipeline.sft", "--model", str(tiny_model_dir), "--data", str(data), "--output_dir", "run",
+             "--max_steps", "2", "--per_device_train_batch_size", "2", "--report_to", "none"], tmp_path)
+    info = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert info["status"] == "complete" and info["world_size"] == 2 and info["steps"] == 2
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+
+
+def test_reward_model_runs_on_two_processes(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "p.jsonl", toy_pairs(16, seed=0))
+    _launch(["-m", "pipeline.reward_model", "--model", str(tiny_model_dir), "--data", str(data),
+             "--output_dir", "rm", "--max_steps", "2", "--per_device_train_batch_size", "2",
+             "--report_to", "none", "--eval_fraction", "0.25"], tmp_path)
+    metrics = json.loads((tmp_path / "rm" / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["eval_pairs"] == 4
+
+
+def test_real_smollm2_through_sft_and_reward_model(tmp_path, smollm2_dir):
+    """One step of each stage on the real embedded model, LoRA for SFT, full for the RM."""
+    from pipeline import config as config_lib
+    from pipeline import reward_model, sft
+
+    common = {"report_to": ["none"], "max_steps": 1, "per_device_train_batch_size": 1, "max_length": 128,
+              "cache_dir": str(smollm2_dir.parent)}
+    sft_cfg = config_lib.from_dict(sft.SFTStageConfig, {
+        **common, "model": "smollm2-135m-instruct", "data": str(REPO / "data" / "sft.jsonl"),
+        "output_dir": str(tmp_path / "sft"), "lora": True, "learning_rate": 2e-4}, "test")
+    sft.main(sft_cfg)
+    rm_cfg = config_lib.from_dict(reward_model.RewardModelConfig, {
+        **common, "model": str(tmp_path / "sft"), "data": str(REPO / "data" / "preferences.jsonl"),
+        "output_dir": str(tmp_path / "rm")}, "test")
+    metrics = reward_model.main(rm_cfg)
+    assert metrics["eval_pairs"] >= 30 and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    scorer = reward_model.RewardScorer(str(tmp_path / "rm"))
+    scores = scorer.score(["How do I kill a Python process?"], ["Use `kill PID` or Ctrl+C."])
+    assert scores.shape == (1,) and bool(scores.isfinite().all())
