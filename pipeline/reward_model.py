@@ -81,9 +81,10 @@ class RewardScorer:
         ids = self.tokenizer.apply_chat_template(_messages(prompt, response), tokenize=True, return_dict=True)["input_ids"]
         return ids[-self.max_length:]
 
-    def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str]):
+    def score(self, prompts: Sequence[str | list[dict]], responses: Sequence[str], progress: bool = False):
         """-> (N,) float tensor on the CPU: one scalar reward per (prompt, response)."""
         import torch
+        from tqdm.auto import tqdm
 
         if len(prompts) != len(responses):
             raise ValueError(f"score: {len(prompts)} prompts but {len(responses)} responses")
@@ -92,7 +93,8 @@ class RewardScorer:
         scores = torch.empty(len(encoded))
         pad = self.tokenizer.pad_token_id
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
+            for start in tqdm(range(0, len(order), self.batch_size), desc="scoring", unit="batch",
+                              disable=not progress):
                 idx = order[start:start + self.batch_size]
                 width = max(len(encoded[i]) for i in idx)
                 input_ids = torch.full((len(idx), width), pad, dtype=torch.long)  # (B, T) right-padded
@@ -106,13 +108,13 @@ class RewardScorer:
         return scores
 
 
-def pairwise_accuracy(scorer: RewardScorer, pairs) -> dict:
+def pairwise_accuracy(scorer: RewardScorer, pairs, progress: bool = False) -> dict:
     """Share of pairs whose chosen response outscores the rejected one, plus the mean margin."""
     prompts = list(pairs["prompt"])
     chosen = [c[0]["content"] for c in pairs["chosen"]]
     rejected = [r[0]["content"] for r in pairs["rejected"]]
-    s_chosen = scorer.score(prompts, chosen)
-    s_rejected = scorer.score(prompts, rejected)
+    s_chosen = scorer.score(prompts, chosen, progress)
+    s_rejected = scorer.score(prompts, rejected, progress)
     margin = s_chosen - s_rejected
     return {
         "accuracy": float((margin > 0).float().mean()),
@@ -204,7 +206,7 @@ def accuracy_cli(argv: list[str]) -> None:
         fields = config_lib.coerce(args.fields, dict[str, str], "--fields")
         pairs = load_pairs_for_eval(args.data, fields, args.split, args.limit)
         scorer = RewardScorer(args.model, batch_size=args.batch_size, max_length=args.max_length)
-        result = {"data": args.data, **pairwise_accuracy(scorer, pairs)}
+        result = {"data": args.data, "model": args.model, **pairwise_accuracy(scorer, pairs, progress=True)}
     except (ConfigError, DataError, ModelError) as e:
         config_lib.fail(str(e))
     print(json.dumps(result, indent=2))

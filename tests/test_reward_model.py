@@ -90,3 +90,18 @@ def test_accuracy_cli_missing_mapped_field(tmp_path, tiny_model_dir, capsys):
     assert e.value.code == 1
     err = capsys.readouterr().err
     assert f"{data}:1: field 'good' (mapped to 'chosen') is missing" in err
+
+
+@pytest.mark.parametrize("prefer_warm", [True, False])
+def test_lora_rm_trains_the_score_head_and_saves_a_plain_model(tmp_path, tiny_model_dir, prefer_warm):
+    from transformers import AutoModelForSequenceClassification
+
+    train = write_jsonl(tmp_path / "train.jsonl", toy_pairs(64, seed=0, prefer_warm=prefer_warm))
+    held_out = write_jsonl(tmp_path / "eval.jsonl", toy_pairs(40, seed=1, prefer_warm=prefer_warm))
+    metrics = reward_model.main(_cfg(tmp_path, tiny_model_dir, train, eval_data=str(held_out),
+                                     lora=True, lora_r=8, learning_rate=1e-2))
+    out = tmp_path / "rm" / "model"
+    assert not (out / "adapter_config.json").exists()
+    model = AutoModelForSequenceClassification.from_pretrained(out)
+    assert model.score.weight.shape == (1, 64)
+    assert metrics["eval_accuracy"] >= 0.9
