@@ -5,6 +5,7 @@
     rbrm sft --config configs/sft.yaml [--field value ...]
     rbrm reward-model --config configs/reward_model.yaml [--field value ...]
     rbrm reward-model accuracy --model runs/reward_model --data FILE
+    rbrm rubrics check rubrics/*.yaml
 
 Each subcommand's --help lists its settings. For several processes use accelerate directly:
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pipeline.sft --config configs/sft.yaml
@@ -20,6 +21,7 @@ COMMANDS = {
     "models": ("pipeline.models", "main", "model cache tools: fetch, tiny, list"),
     "sft": ("pipeline.sft", "cli", "stage 1: supervised fine-tuning on demonstrations"),
     "reward-model": ("pipeline.reward_model", "cli", "stage 2: Bradley-Terry reward model on preference pairs"),
+    "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input)"),
 }
 
 
