@@ -155,10 +155,9 @@ def main(cfg: RewardModelConfig) -> dict:
 
     state = PartialState()
     timer = Timer()
-    if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process):
-        if state.is_main_process:
-            print(f"reward_model: reusing the finished run in {cfg.output_dir}", file=sys.stderr)
-        return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process)
+    if reused is not None:
+        return reused
     pairs = load_preferences(cfg.data, cfg.fields)
     if cfg.eval_data:
         train_ds, eval_ds = pairs, load_preferences(cfg.eval_data, cfg.fields)
@@ -179,8 +178,7 @@ def main(cfg: RewardModelConfig) -> dict:
             held_out = pairwise_accuracy(scorer, eval_ds)
             metrics.update({f"eval_{k}": v for k, v in held_out.items()})
         metrics["wall_time_s"] = timer.seconds
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        runs.write_run(cfg.output_dir, STAGE, status="complete", model=str(final), **metrics)
+        runs.finish(cfg.output_dir, STAGE, final, metrics)
         acc = f", held-out accuracy {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs" \
             if "eval_accuracy" in metrics else ""
         print(f"reward_model: done in {metrics['wall_time_s']}s{acc}; model in {final}", file=sys.stderr)

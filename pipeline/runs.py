@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -113,3 +114,18 @@ def staging_dir(output_dir: str | os.PathLike, name: str = MODEL_DIR) -> Path:
     if path.exists():
         shutil.rmtree(path)
     return path
+
+
+def start(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool) -> dict | None:
+    """``prepare`` for a stage's main(): the saved metrics when a finished run is reused, else None."""
+    if not prepare(output_dir, stage, cfg, if_exists, is_main=is_main):
+        return None
+    if is_main:
+        print(f"{stage}: reusing the finished run in {output_dir}", file=sys.stderr)
+    return json.loads((Path(output_dir) / "metrics.json").read_text())
+
+
+def finish(output_dir: str | os.PathLike, stage: str, model: Path, metrics: dict[str, Any]) -> None:
+    """Write ``metrics.json`` and mark the run complete (main process only)."""
+    (Path(output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    write_run(output_dir, stage, status="complete", model=str(model), **metrics)

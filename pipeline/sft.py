@@ -22,9 +22,7 @@ Launch::
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
-from pathlib import Path
 
 from pipeline import config as config_lib
 from pipeline import runs
@@ -83,7 +81,6 @@ def build_trainer(cfg: SFTStageConfig, train_ds, eval_ds=None):
     args = SFTConfig(
         **trainer_kwargs(cfg),
         assistant_only_loss=cfg.assistant_only_loss,
-        pad_token=tokenizer.pad_token,
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=max(cfg.logging_steps, 1) * 4,
         dataset_num_proc=None,
@@ -107,10 +104,9 @@ def main(cfg: SFTStageConfig) -> dict:
 
     state = PartialState()
     timer = Timer()
-    if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process):
-        if state.is_main_process:
-            print(f"sft: reusing the finished run in {cfg.output_dir}", file=sys.stderr)
-        return json.loads((Path(cfg.output_dir) / "metrics.json").read_text())
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process)
+    if reused is not None:
+        return reused
     train_ds = load_sft(cfg.data, cfg.fields)
     eval_ds = load_sft(cfg.eval_data, cfg.fields) if cfg.eval_data else None
     trainer, tokenizer = build_trainer(cfg, train_ds, eval_ds)
@@ -126,8 +122,7 @@ def main(cfg: SFTStageConfig) -> dict:
     final = save_final_model(trainer, tokenizer, cfg)
     metrics["wall_time_s"] = timer.seconds
     if state.is_main_process:
-        (Path(cfg.output_dir) / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
-        runs.write_run(cfg.output_dir, STAGE, status="complete", model=str(final), **metrics)
+        runs.finish(cfg.output_dir, STAGE, final, metrics)
         print(f"sft: done in {metrics['wall_time_s']}s, train loss {metrics['train_loss']:.4f}; model in {final}",
               file=sys.stderr)
     return metrics

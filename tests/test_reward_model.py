@@ -7,7 +7,6 @@ import torch
 from conftest import write_jsonl
 from pipeline import config as config_lib
 from pipeline import reward_model
-from pipeline.data import load_preferences
 
 TOPICS = ["cats", "rain", "trains", "bread", "stars", "chess", "rivers", "music", "paint", "tea",
           "snow", "clocks", "maps", "bees", "glass", "wind", "salt", "kites", "ink", "moss"]
