@@ -29,16 +29,17 @@ def run(config_dir: str = "configs") -> dict:
     fetch(DEFAULT_MODEL)
     timings["fetch"] = round(time.time() - t, 1)
 
+    def stage_config(cls, name: str):
+        path = Path(config_dir) / f"{name}.yaml"
+        return config_lib.from_dict(cls, config_lib.load_yaml(path), str(path), overrides={"if_exists": "reuse"})
+
     t = time.time()
-    sft_cfg = config_lib.from_dict(sft.SFTStageConfig, config_lib.load_yaml(Path(config_dir) / "sft.yaml"),
-                                   str(Path(config_dir) / "sft.yaml"), overrides={"if_exists": "reuse"})
+    sft_cfg = stage_config(sft.SFTStageConfig, "sft")
     sft_metrics = sft.main(sft_cfg)
     timings["sft"] = round(time.time() - t, 1)
 
     t = time.time()
-    rm_path = Path(config_dir) / "reward_model.yaml"
-    rm_cfg = config_lib.from_dict(reward_model.RewardModelConfig, config_lib.load_yaml(rm_path), str(rm_path),
-                                  overrides={"if_exists": "reuse"})
+    rm_cfg = stage_config(reward_model.RewardModelConfig, "reward_model")
     rm_metrics = reward_model.main(rm_cfg)
     timings["reward_model"] = round(time.time() - t, 1)
 

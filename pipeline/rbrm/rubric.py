@@ -96,8 +96,7 @@ class Rubric:
     @property
     def hash(self) -> str:
         """Content hash (for caches): changes whenever anything a grader reads changes."""
-        body = {k: v for k, v in self.to_dict().items()}
-        return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {
