@@ -21,7 +21,7 @@ COMMANDS = {
     "models": ("pipeline.models", "main", "model cache tools: fetch, tiny, list"),
     "sft": ("pipeline.sft", "cli", "stage 1: supervised fine-tuning on demonstrations"),
     "reward-model": ("pipeline.reward_model", "cli", "stage 2: Bradley-Terry reward model on preference pairs"),
-    "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input)"),
+    "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input), eval (grader vs human labels)"),
 }
 
 

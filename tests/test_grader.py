@@ -669,3 +669,17 @@ def test_injected_instructions_do_not_flip_a_refusal(embedding_grader, response)
     assert g.scored and g.rubric == "refusal_style"
     assert g.probs["A"] + g.probs["B"] > 0.5, g.probs
     assert g.category in ("A", "B"), g.probs
+
+
+@pytest.mark.slow
+def test_shipped_embedding_head_is_what_fit_gives_on_data(minilm_dir):
+    """The head in embedding_head.json must be refitted when data/ or the rubrics change."""
+    from pipeline.rbrm.embedding import FEATURES, EmbeddingBackend, fit_head, load_head
+
+    shipped = load_head()
+    backend = EmbeddingBackend(str(minilm_dir), device="cpu", head={"w": [0.0] * len(FEATURES), "b": 0.0})
+    fitted = fit_head(backend, REPO / "rubrics", REPO / "data")
+    assert fitted["rubrics"] == shipped["rubrics"], "rubrics changed: run `python -m pipeline.rbrm.embedding fit`"
+    np.testing.assert_allclose(fitted["w"], shipped["w"], atol=2e-3)
+    assert fitted["b"] == pytest.approx(shipped["b"], abs=2e-3)
+    assert fitted["train_accuracy"] > 0.7
