@@ -30,5 +30,9 @@ test: setup
 test-fast: setup
 	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
+bench: setup
+	mkdir -p runs/bench
+	$(PY) benchmarks/grader_throughput.py --json runs/bench/grader_throughput.json
+
 clean-venv:
 	rm -rf $(VENV)

@@ -119,3 +119,20 @@ def test_eval_writes_metrics_predictions_and_diagram(tmp_path, capsys, minilm_di
         rubrics_cli.main(argv)
     again = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert again == preds
+
+
+def test_eval_with_the_hf_backend_and_propositions(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"request {i}", "response": f"reply number {i}", "label": i % 2 == 0} for i in range(6)]
+    gold = _gold(tmp_path, rows)
+    out = tmp_path / "eval"
+    with pytest.raises(SystemExit) as e:
+        rubrics_cli.main(["eval", "--rubric", str(REPO / "rubrics/refusal_style.yaml"), "--gold", gold,
+                          "--label", "label", "--positive", "A,B", "--backend", "hf", "--model", str(tiny_model_dir),
+                          "--mode", "propositions", "--out", str(out)])
+    assert e.value.code == 0
+    report = json.loads((out / "agreement.json").read_text())
+    assert report["settings"]["mode"] == "propositions" and report["settings"]["grader"].startswith("hf:")
+    assert report["result"]["scored"] == 6
+    preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
+    n_props = 6  # refusal_style.yaml asks six yes/no questions
+    assert all(len(p["answers"]) == n_props and 0 <= min(p["answers"].values()) for p in preds)
