@@ -6,6 +6,8 @@
     rbrm reward-model --config configs/reward_model.yaml [--field value ...]
     rbrm reward-model accuracy --model runs/reward_model --data FILE
     rbrm rubrics check rubrics/*.yaml
+    rbrm evaluate --config configs/evaluate.yaml [--field value ...]
+    rbrm evaluate compare runs/eval-before runs/eval-after
 
 Each subcommand's --help lists its settings. For several processes use accelerate directly:
     accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pipeline.sft --config configs/sft.yaml
@@ -21,6 +23,7 @@ COMMANDS = {
     "models": ("pipeline.models", "main", "model cache tools: fetch, tiny, list"),
     "sft": ("pipeline.sft", "cli", "stage 1: supervised fine-tuning on demonstrations"),
     "reward-model": ("pipeline.reward_model", "cli", "stage 2: Bradley-Terry reward model on preference pairs"),
+    "evaluate": ("pipeline.evaluate", "cli", "stage 5: refusal rates per prompt class (also: evaluate compare A B)"),
     "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input), eval (grader vs human labels)"),
 }
 
