@@ -228,7 +228,12 @@ def generate(model_path: str, prompts: list[str], todo: list[int], cfg: Evaluate
             lines.append(json.dumps({"i": i, "response": text, "truncated": not finished,
                                      "tokens": len(ids)}) + "\n")
         with FileLock(str(cache_file) + ".lock"):
-            with open(cache_file, "a", encoding="utf-8") as f:
+            with open(cache_file, "a+", encoding="utf-8") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:  # a line cut short by a kill must not swallow the next one
+                    f.seek(f.tell() - 1)
+                    if f.read(1) != "\n":
+                        f.write("\n")
                 f.writelines(lines)
         bar.update(len(idx))
     bar.close()
