@@ -79,7 +79,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return str(value)
         if origin is list:
             (item_tp,) = typing.get_args(base) or (str,)
-            if isinstance(value, str):
+            if isinstance(value, str) and value.strip().startswith("["):
+                value = json.loads(value)  # command-line form for lists of mappings: a JSON list
+            elif isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()] if value.strip() else []
             if not isinstance(value, list):
                 raise ValueError

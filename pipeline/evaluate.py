@@ -262,8 +262,11 @@ def main(cfg: EvaluateConfig) -> dict:
     from pipeline.rbrm.grader import GradeItem, Grader, GraderConfig
     from pipeline.training import Timer
 
+    import torch
+
     cfg.validate()
-    state = PartialState()
+    # cpu=True on CPU-only machines makes a multi-process launch use gloo instead of NCCL
+    state = PartialState(cpu=not torch.cuda.is_available())
     timer = Timer()
     if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process):
         if state.is_main_process:

@@ -60,3 +60,22 @@ def test_real_smollm2_through_sft_and_reward_model(tmp_path, smollm2_dir):
     scorer = reward_model.RewardScorer(str(tmp_path / "rm"))
     scores = scorer.score(["How do I kill a Python process?"], ["Use `kill PID` or Ctrl+C."])
     assert scores.shape == (1,) and bool(scores.isfinite().all())
+
+
+def test_evaluate_splits_generation_over_two_processes(tmp_path, tiny_model_dir, minilm_dir):
+    prompts = write_jsonl(tmp_path / "p.jsonl", [
+        {"prompt": f"Question number {i}?", "prompt_class": ["harmful", "safe", "sensitive"][i % 3]} for i in range(7)])
+    env_cache = str(minilm_dir.parent)
+    os.environ["RBRM_CACHE_DIR"] = env_cache
+    try:
+        _launch(["-m", "pipeline.evaluate", "--models", f"tiny={tiny_model_dir}",
+                 "--prompt_sets", json.dumps([{"name": "p", "path": str(prompts)}]), "--output_dir", "ev",
+                 "--max_new_tokens", "4", "--batch_size", "2", "--n_boot", "20", "--generation_cache", "gen",
+                 "--grader", f"backend=embedding,cache=grades.sqlite,rubrics={REPO / 'rubrics'}"], tmp_path)
+    finally:
+        os.environ.pop("RBRM_CACHE_DIR", None)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "responses.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all(r["rbrm_category"] for r in rows)
+    (cache,) = (tmp_path / "gen").glob("*.jsonl")
+    assert sorted(json.loads(line)["i"] for line in cache.read_text().splitlines()) == list(range(7))
+    assert json.loads((tmp_path / "ev" / "run.json").read_text())["status"] == "complete"

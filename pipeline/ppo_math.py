@@ -1,0 +1,463 @@
+"""The PPO arithmetic for RLHF, as pure tensor functions.
+
+Everything the PPO trainer computes that can be checked with pencil and paper lives here:
+masked statistics, KL estimators, the per-token reward, GAE, the clipped policy and value
+losses, the KL-coefficient controllers and score normalisation. Nothing here knows about
+models, tokenizers, accelerate or logging, so each function is tested against hand-worked
+numbers in tests/test_ppo_math.py.
+
+Conventions used throughout:
+
+- ``B`` is the number of sampled responses, ``T`` the padded response length, ``V`` the
+  vocabulary size. Position ``t`` is the ``t``-th generated token of a response.
+- ``mask`` is ``(B, T)``, 1 for real response tokens and 0 for padding. Responses are
+  right-padded: the real tokens of a row come first, padding after. It may be bool, int or
+  float.
+- ``logprobs`` are ``log pi(a_t | s_t)`` under the policy that sampled the response,
+  ``ref_logprobs`` the same tokens under the frozen reference (SFT) model.
+
+Sources: Schulman et al. 2017 (PPO clipped surrogate), Schulman et al. 2016 (GAE),
+Ziegler et al. 2019 (per-token KL penalty and the adaptive KL coefficient), Huang et al.
+2022/2024 (the implementation details of RLHF with PPO: value clipping, whitening,
+reward placement at the last token), and Schulman's note "Approximating KL divergence"
+(the k1/k2/k3 estimators).
+
+Departures from the textbook: the value after a response's last real token is taken to be 0
+(the episode ends at eos or at truncation; we do not bootstrap from a truncated response),
+and a row with no real token (an empty response) receives no reward at all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Union
+
+import torch
+
+KL_ESTIMATORS = ("k1", "k2", "k3")
+
+# Added to variances before dividing, so a constant batch whitens to zeros instead of NaN.
+_EPS = 1e-8
+
+
+# --------------------------------------------------------------------------- masked statistics
+
+
+def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: Optional[int] = None) -> torch.Tensor:
+    """Mean of ``x`` over the positions where ``mask`` is 1.
+
+    Args:
+        x: ``(B, T)`` (any shape works) values.
+        mask: same shape as ``x``; 1 for real tokens, 0 for padding.
+        dim: ``None`` for one mean over all real tokens (a 0-d tensor), or a dimension to
+            reduce (``dim=1`` gives one mean per row, ``(B,)``).
+
+    A slice with no real token has mean 0 rather than NaN, so an empty response does not
+    poison a batch statistic.
+    """
+    mask = mask.to(x.dtype)
+    # where(), not x * mask: padding may hold inf or NaN and 0 * inf is NaN.
+    masked = torch.where(mask != 0, x * mask, torch.zeros_like(x))
+    if dim is None:
+        total, count = masked.sum(), mask.sum()
+    else:
+        total, count = masked.sum(dim), mask.sum(dim)
+    return torch.where(count > 0, total / count.clamp(min=_EPS), torch.zeros_like(total))
+
+
+def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``x`` over the positions where ``mask`` is 1, as a 0-d tensor.
+
+    Args:
+        x: ``(B, T)`` values.
+        mask: ``(B, T)``; 1 for real tokens, 0 for padding.
+        unbiased: divide the sum of squares by ``n - 1`` (Bessel) instead of ``n``, where
+            ``n`` is the number of real tokens.
+
+    With a single real token the unbiased estimate is undefined (0 / 0); we return the
+    biased one, 0, instead, so whitening a one-token batch gives 0 rather than NaN.
+    """
+    mean = masked_mean(x, mask)
+    var = masked_mean((x - mean) ** 2, mask)
+    if unbiased:
+        n = mask.to(x.dtype).sum()
+        # torch.where keeps this on the device (no host sync on a Python `if`).
+        var = torch.where(n > 1, var * n / (n - 1).clamp(min=_EPS), var)
+    return var
+
+
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+    """Scale ``x`` to unit variance (and zero mean) using statistics of its real tokens only.
+
+    Args:
+        x: ``(B, T)`` values, usually advantages.
+        mask: ``(B, T)``; 1 for real tokens, 0 for padding.
+        shift_mean: subtract the mean. With ``False`` only the scale changes and the mean
+            is kept, which is how per-token rewards are whitened without changing their sign
+            balance.
+
+    Returns ``(B, T)``; padding positions are set to 0. Uses the unbiased variance; a
+    batch with one real token (variance 0) comes back as that token's centred value, 0.
+    """
+    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    whitened = (x - mean) * torch.rsqrt(var + _EPS)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# --------------------------------------------------------------------------- KL and rewards
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor, kind: str = "k1") -> torch.Tensor:
+    """Per-token sample estimate of KL(pi || pi_ref), for tokens sampled from pi.
+
+    Args:
+        logprobs: ``(B, T)`` ``log pi(a_t | s_t)`` of the sampled tokens under the policy.
+        ref_logprobs: ``(B, T)`` ``log pi_ref(a_t | s_t)`` of the same tokens.
+        kind: which estimator.
+
+    Direction: the tokens come from pi, so these estimate the KL *from the policy to the
+    reference*, ``KL(pi || pi_ref) = E_{a ~ pi}[log pi(a) - log pi_ref(a)]``. Following
+    Schulman's note, write ``r = pi_ref(a) / pi(a)`` (the density ratio "other over
+    sampler"), so ``log r = ref_logprobs - logprobs``:
+
+    - ``k1 = -log r = logprobs - ref_logprobs``: unbiased, high variance, can be negative
+      on a single sample.
+    - ``k2 = 0.5 * (log r) ** 2``: biased (it is exact only to second order) but low
+      variance and never negative.
+    - ``k3 = (r - 1) - log r``: unbiased (``E[r] = 1`` under pi) and never negative,
+      since ``log r <= r - 1``.
+
+    Returns ``(B, T)``, unmasked: padding positions hold whatever the inputs give.
+    """
+    log_r = ref_logprobs - logprobs
+    if kind == "k1":
+        return -log_r
+    if kind == "k2":
+        return 0.5 * log_r**2
+    if kind == "k3":
+        # expm1 is exact for small |log r|, where r - 1 would lose digits.
+        return torch.expm1(log_r) - log_r
+    raise ValueError(f"kl estimator: expected one of {', '.join(KL_ESTIMATORS)}, got {kind!r}")
+
+
+def _last_token_index(mask: torch.Tensor) -> torch.Tensor:
+    """``(B,)`` index of the last real token in each row of a ``(B, T)`` mask; -1 if none."""
+    positions = torch.arange(mask.shape[1], device=mask.device).expand(mask.shape)
+    return torch.where(mask.bool(), positions, torch.full_like(positions, -1)).max(dim=1).values
+
+
+@torch.no_grad()
+def per_token_rewards(
+    score: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: Union[float, torch.Tensor],
+    kl_estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The RLHF reward of Ziegler et al. 2019 / InstructGPT, spread over response tokens.
+
+    ``reward_t = -kl_coef * KL_t``, and the sequence score is added at the last real
+    token of the row: the score judges the whole response, so it arrives when the
+    response ends, while the KL penalty is paid token by token.
+
+    Args:
+        score: ``(B,)`` one scalar per response (reward model / rubric composition).
+        logprobs: ``(B, T)`` log-probs of the sampled tokens under the rollout policy.
+        ref_logprobs: ``(B, T)`` log-probs of the same tokens under the reference model.
+        mask: ``(B, T)``; 1 for real response tokens, 0 for padding.
+        kl_coef: the KL penalty coefficient (beta), e.g. ``controller.value``.
+        kl_estimator: ``"k1"``, ``"k2"`` or ``"k3"``, see :func:`kl_estimate`.
+
+    Returns:
+        rewards: ``(B, T)`` per-token rewards, 0 at padding.
+        kl: ``(B, T)`` per-token KL estimate, 0 at padding (``kl.sum(1)`` is the
+            sequence KL that is logged and fed to the adaptive controller).
+
+    A row whose mask is all zeros (an empty response) gets no KL and no score: all its
+    rewards are 0, and it contributes nothing to GAE or the losses. The trainer should
+    count such rows rather than rely on them being rewarded.
+    """
+    if score.dim() != 1 or score.shape[0] != logprobs.shape[0]:
+        raise ValueError(f"score: expected shape ({logprobs.shape[0]},), got {tuple(score.shape)}")
+    real = mask.bool()
+    kl = kl_estimate(logprobs, ref_logprobs, kl_estimator)
+    kl = torch.where(real, kl, torch.zeros_like(kl))
+    rewards = -kl_coef * kl
+    last = _last_token_index(mask)
+    has_token = last >= 0
+    rows = torch.arange(rewards.shape[0], device=rewards.device)
+    bonus = torch.where(has_token, score.to(rewards.dtype), torch.zeros_like(rewards[:, 0]))
+    rewards[rows, last.clamp(min=0)] += bonus
+    return rewards, kl
+
+
+# --------------------------------------------------------------------------- advantages
+
+
+@torch.no_grad()
+def gae(
+    rewards: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, gamma: float, lam: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Generalised advantage estimation (Schulman et al. 2016) over response tokens.
+
+    Args:
+        rewards: ``(B, T)`` per-token rewards (see :func:`per_token_rewards`).
+        values: ``(B, T)`` ``V(s_t)`` from the value head at rollout time.
+        mask: ``(B, T)`` right-padded; 1 for real response tokens, 0 for padding.
+        gamma: discount.
+        lam: GAE lambda (0: one-step TD; 1: Monte Carlo return minus the value).
+
+    Computed backwards over ``t``::
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+
+    where ``V_{t+1} = 0`` and ``A_{t+1} = 0`` after the last real token: the episode ends
+    at eos or truncation. Padding positions are ignored (their rewards and values may hold
+    anything) and get advantage 0 and return 0.
+
+    Returns:
+        advantages: ``(B, T)``.
+        returns: ``(B, T)`` ``advantages + values``, the value-function targets.
+    """
+    real = mask.bool()
+    if real.shape[1] > 1 and bool((real[:, 1:] & ~real[:, :-1]).any()):
+        raise ValueError("gae: mask must be right-padded (no real token after a padding token)")
+    rewards = torch.where(real, rewards, torch.zeros_like(rewards))
+    values = torch.where(real, values, torch.zeros_like(values))
+    # With padding zeroed, the position after a row's last real token has V = 0 and A = 0,
+    # which is exactly the terminal condition; no per-step mask is needed.
+    advantages = torch.zeros_like(rewards)
+    next_value = torch.zeros_like(rewards[:, 0])
+    next_advantage = torch.zeros_like(rewards[:, 0])
+    for t in reversed(range(rewards.shape[1])):
+        delta = rewards[:, t] + gamma * next_value - values[:, t]
+        next_advantage = delta + gamma * lam * next_advantage
+        advantages[:, t] = next_advantage
+        next_value = values[:, t]
+    returns = advantages + values
+    return advantages, returns
+
+
+# --------------------------------------------------------------------------- losses
+
+
+def policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """PPO's clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
+
+    Args:
+        new_logprobs: ``(B, T)`` log-probs of the rollout tokens under the policy being
+            optimised (carries gradient).
+        old_logprobs: ``(B, T)`` the same tokens' log-probs at rollout time.
+        advantages: ``(B, T)`` (usually whitened) advantages.
+        mask: ``(B, T)``; 1 for real response tokens, 0 for padding.
+        clip_range: epsilon; the ratio is clipped to ``[1 - eps, 1 + eps]``.
+
+    ``pg_loss = masked_mean(max(-A * ratio, -A * clip(ratio)))``, the negated pessimistic
+    (minimum) surrogate.
+
+    Returns ``(pg_loss, stats)``; ``pg_loss`` is 0-d, stats are detached 0-d tensors:
+
+    - ``clipfrac``: share of real tokens where the clipped term was chosen (its gradient
+      is zero there).
+    - ``approx_kl``: k3 estimate of KL(old || new) from the rollout samples,
+      ``(ratio - 1) - log ratio`` with ``ratio = pi_new / pi_old``.
+    """
+    log_ratio = new_logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    pg_loss1 = -advantages * ratio
+    pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),
+            "approx_kl": masked_mean(torch.expm1(log_ratio) - log_ratio, mask),
+        }
+    return pg_loss, stats
+
+
+def value_loss(
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_range_value: float,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Clipped value loss (the PPO2 baselines variant described by Huang et al.).
+
+    Args:
+        new_values: ``(B, T)`` value-head outputs now (carries gradient).
+        old_values: ``(B, T)`` value-head outputs at rollout time.
+        returns: ``(B, T)`` targets from :func:`gae`.
+        mask: ``(B, T)``; 1 for real response tokens, 0 for padding.
+        clip_range_value: how far the new value may move from the old one before the
+            clipped term takes over.
+
+    ``vf_loss = 0.5 * masked_mean(max((V - R)^2, (V_clipped - R)^2))`` with
+    ``V_clipped = V_old + clip(V - V_old, -c, c)``.
+
+    Returns ``(vf_loss, stats)``; stats: ``vf_clipfrac``, the share of real tokens where the
+    clipped term was the larger one (detached, 0-d).
+    """
+    values_clipped = old_values + torch.clamp(new_values - old_values, -clip_range_value, clip_range_value)
+    vf_losses1 = (new_values - returns) ** 2
+    vf_losses2 = (values_clipped - returns) ** 2
+    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    with torch.no_grad():
+        stats = {"vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(vf_losses1.dtype), mask)}
+    return vf_loss, stats
+
+
+def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Log-probability of each label under its logits.
+
+    Args:
+        logits: ``(B, T, V)``; ``logits[:, t]`` is the distribution that predicts
+            ``labels[:, t]`` (the caller has already shifted by one position).
+        labels: ``(B, T)`` token ids (int64).
+
+    Returns ``(B, T)``. One ``log_softmax`` over the vocabulary, then a gather, so only one
+    extra ``(B, T, V)`` tensor is alive at a time. Computing it in chunks of the batch
+    would lower the peak further; with our model sizes that is not needed.
+    """
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {tuple(logits.shape)} and labels {tuple(labels.shape)} disagree on (B, T)")
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+# --------------------------------------------------------------------------- KL coefficient
+
+
+class FixedKLController:
+    """A KL coefficient that never changes; the same interface as the adaptive one."""
+
+    def __init__(self, coef: float):
+        self.value = float(coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """Does nothing: the coefficient is fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = float(state["value"])
+
+
+class AdaptiveKLController:
+    """The adaptive KL coefficient of Ziegler et al. 2019, a proportional controller.
+
+    After each batch, with ``KL`` the mean per-response KL of the batch::
+
+        error = clip(KL / target - 1, -0.2, 0.2)
+        beta <- beta * (1 + error * n_steps / horizon)
+
+    so beta rises while the policy drifts further from the reference than ``target`` nats
+    and falls while it stays closer. ``horizon`` (in samples) sets how fast: a sustained
+    clipped error of 0.2 multiplies beta by about ``e^0.2`` every ``horizon`` samples.
+    """
+
+    def __init__(self, init_coef: float, target: float, horizon: int):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"adaptive KL: target and horizon must be positive, got {target} and {horizon}")
+        self.value = float(init_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: Union[float, torch.Tensor], n_steps: int) -> None:
+        """``current_kl``: mean KL per response of the batch just seen; ``n_steps``: its size
+        in responses (episodes), summed over processes."""
+        error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        """Restores the coefficient; target and horizon stay as configured, so a resumed run
+        may change them."""
+        self.value = float(state["value"])
+
+
+# --------------------------------------------------------------------------- score normalisation
+
+
+class RunningMoments:
+    """Mean and standard deviation of every score seen so far, updated a batch at a time.
+
+    Batches are merged with the parallel-variance rule (Chan et al.): for the running
+    ``(n_a, mean_a, M2_a)`` and a batch ``(n_b, mean_b, M2_b)``, with ``d = mean_b - mean_a``
+    and ``n = n_a + n_b``::
+
+        mean = mean_a + d * n_b / n
+        M2   = M2_a + M2_b + d^2 * n_a * n_b / n
+
+    ``var`` is ``M2 / n`` (population variance, numpy's default ``ddof=0``). State is kept in
+    Python floats (double precision). Under several processes, pass all-gathered scores so
+    every process holds the same statistics.
+    """
+
+    def __init__(self) -> None:
+        self.mean = 0.0
+        self.var = 0.0
+        self.count = 0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, x: torch.Tensor) -> None:
+        """Fold in a batch ``x`` (any shape; every element is one observation)."""
+        x = x.detach().reshape(-1).to(torch.float64)
+        n_b = x.numel()
+        if n_b == 0:
+            return
+        if not bool(torch.isfinite(x).all()):
+            raise ValueError("RunningMoments.update: scores must be finite (NaN means 'does not apply' and "
+                             "must be resolved before normalisation)")
+        mean_b = x.mean().item()
+        m2_b = ((x - mean_b) ** 2).sum().item()
+        n_a, n = self.count, self.count + n_b
+        delta = mean_b - self.mean
+        m2 = self.var * n_a + m2_b + delta**2 * n_a * n_b / n
+        self.mean += delta * n_b / n
+        self.var = m2 / n
+        self.count = n
+
+    def state_dict(self) -> dict[str, float]:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+def whiten_and_clip_scores(
+    scores: torch.Tensor, clip: Optional[float] = None, running: Optional[RunningMoments] = None
+) -> torch.Tensor:
+    """Normalise sequence scores to zero mean and unit spread, optionally clipping them.
+
+    Args:
+        scores: ``(B,)`` one score per response.
+        clip: if set, normalised scores are clipped to ``[-clip, clip]``.
+        running: statistics kept across batches. It is updated with ``scores`` first, then
+            used, so the current batch counts. Without it, the batch's own mean and
+            standard deviation are used (a batch of one then normalises to 0).
+
+    Returns ``(B,)`` ``(scores - mean) / (std + 1e-8)``, clipped when asked.
+    """
+    stats = running if running is not None else RunningMoments()
+    stats.update(scores)
+    normalised = (scores - stats.mean) / (stats.std + _EPS)
+    if clip is not None:
+        normalised = torch.clamp(normalised, -clip, clip)
+    return normalised
