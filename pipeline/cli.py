@@ -23,6 +23,7 @@ COMMANDS = {
     "models": ("pipeline.models", "main", "model cache tools: fetch, tiny, list"),
     "sft": ("pipeline.sft", "cli", "stage 1: supervised fine-tuning on demonstrations"),
     "reward-model": ("pipeline.reward_model", "cli", "stage 2: Bradley-Terry reward model on preference pairs"),
+    "ppo": ("pipeline.ppo", "cli", "stage 4: PPO with RM + RBRM rewards"),
     "evaluate": ("pipeline.evaluate", "cli", "stage 5: refusal rates per prompt class (also: evaluate compare A B)"),
     "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input), eval (grader vs human labels)"),
 }

@@ -1,0 +1,542 @@
+"""Stage 4, PPO: optimise the SFT policy against the composed reward (RM + RBRM).
+
+Each step samples one response per prompt from the current policy, scores the responses
+with the reward composer (:mod:`pipeline.rewards`: the learned reward model, the rubric
+grader, or any other source), turns the scores into per-token rewards with a KL penalty
+towards the frozen starting model, and takes ``ppo_epochs`` passes of clipped PPO updates
+over shuffled mini-batches (Schulman et al. 2017; the RLHF form of Ziegler et al. 2019 and
+Ouyang et al. 2022). The arithmetic lives in :mod:`pipeline.ppo_math`; this file only moves
+tensors between models, the reward composer and those functions.
+
+How it departs from the textbook, following Huang et al. ("The N+ implementation details
+of RLHF with PPO"):
+
+- the critic is a scalar linear head on the policy's last hidden state (shared trunk),
+  zero-initialised, trained with the clipped value loss;
+- log-probs are recomputed in one forward pass after generation, with the logits divided by
+  the sampling temperature, so the ratio starts at exactly 1; top-k is off and ``top_p``
+  defaults to 1 so that sampling matches those log-probs;
+- dropout is off during rollout and training (the model stays in eval mode);
+- the sequence score is added at the last real token (eos, or the last token of a truncated
+  response) and the value after it is 0: a truncated response is not bootstrapped;
+- a response no reward source could score (NaN total) is dropped from the update and counted,
+  never imputed.
+
+With ``lora: true`` the reference model is the policy with its adapters switched off, so
+only one copy of the weights is held; otherwise it is a frozen deep copy.
+
+Launch::
+
+    python -m pipeline.ppo --config configs/ppo.yaml            # or: rbrm ppo --config ...
+    accelerate launch --config_file configs/accelerate/cpu_2proc.yaml -m pipeline.ppo --config configs/ppo.yaml
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import random
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from pipeline import config as config_lib
+from pipeline import ppo_math, runs
+from pipeline.config import ConfigError, field
+from pipeline.data import DataError
+from pipeline.models import ModelError
+from pipeline.rbrm.rubric import RubricError
+from pipeline.training import Timer
+
+STAGE = "ppo"
+CRITICS = ("value_head",)
+
+DEFAULT_REWARDS = {
+    "rm": {"model": "runs/reward_model", "weight": 1.0, "normalise": "running"},
+    "rbrm": {"weight": 1.0, "grader": {"backend": "embedding", "rubrics": ["rubrics"]}},
+}
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    model: str = field("runs/sft", help="starting policy (and KL reference): run folder, model folder, short name or hub id")
+    prompts: str = field("data/prompts.jsonl", help="prompt set; rows with split: eval are left out")
+    fields: dict[str, str] = field({}, help="column renames, ours=theirs (e.g. prompt=question)")
+    output_dir: str = field("runs/ppo", help="run folder: config, logs, samples, metrics and the final model/")
+    if_exists: str = field("error", help="when output_dir holds a finished run: error | reuse | overwrite")
+    steps: int = field(20, help="PPO steps; each samples batch_size responses per process, then updates")
+    batch_size: int = field(4, help="prompts (= responses) per step, per process")
+    mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
+    ppo_epochs: int = field(2, help="passes over each step's responses")
+    learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
+    max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
+    max_new_tokens: int = field(48, help="response length limit; a response without eos by then is 'truncated'")
+    temperature: float = field(1.0, help="sampling temperature (log-probs use the same one)")
+    top_p: float = field(1.0, help="nucleus sampling; < 1 makes sampling differ from the log-probs PPO uses")
+    kl_coef: float = field(0.05, help="KL penalty coefficient beta (initial value when adaptive_kl)")
+    adaptive_kl: bool = field(False, help="adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = field(6.0, help="adaptive_kl: target KL per response, in nats")
+    kl_horizon: int = field(10000, help="adaptive_kl: horizon in responses")
+    kl_estimator: str = field("k1", help="per-token KL estimator in the reward: k1 | k2 | k3")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE lambda")
+    clip_range: float = field(0.2, help="policy ratio clip epsilon")
+    clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
+    vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
+    whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
+    reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
+    lora: bool = field(False, help="train LoRA adapters; the reference is then the policy with adapters off")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r)")
+    critic: str = field("value_head", help="value function: value_head (a linear head on the policy's last hidden state)")
+    rewards: Any = field(DEFAULT_REWARDS, help="reward sources, {name: settings} as in pipeline.rewards.build_reward_composer")
+    seed: int = field(42, help="seed for prompt order, sampling and initialisation")
+    log_every: int = field(1, help="send metrics to the trackers every N steps")
+    sample_every: int = field(5, help="append the step's rollouts to samples.jsonl every N steps; 0 = never")
+    save_every: int = field(0, help="save the policy to checkpoints/step-N every N steps; 0 = final model only")
+    report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
+    cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
+
+    def validate(self) -> None:
+        if self.if_exists not in runs.IF_EXISTS:
+            raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
+        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length",
+                     "log_every", "kl_horizon"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'mini_batch_size' ({self.mini_batch_size}): "
+                              "mini_batch_size must divide batch_size")
+        for name in ("learning_rate", "temperature", "clip_range", "clip_range_value", "kl_target"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"key '{name}': expected a positive number, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'top_p': expected a number in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"key 'kl_coef': expected a number >= 0, got {self.kl_coef}")
+        if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
+            raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
+                              f"got {self.kl_estimator!r}")
+        if self.critic not in CRITICS:
+            raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if isinstance(self.rewards, str):  # from the command line: a JSON object
+            try:
+                self.rewards = json.loads(self.rewards)
+            except json.JSONDecodeError:
+                raise ConfigError(f"key 'rewards': expected a JSON object of reward sources, got {self.rewards!r}") from None
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            raise ConfigError(f"key 'rewards': expected a non-empty mapping of reward sources, got {self.rewards!r}")
+
+
+# --------------------------------------------------------------------------- models
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state.
+
+    ``forward`` returns ``(logits, values)``: ``(B, L, V)`` next-token logits and ``(B, L)``
+    ``V(s)`` for the state ending at each position. The head starts at zero so the first
+    advantages are the raw returns, not noise from a random critic.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]                                  # (B, L, H)
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (B, L)
+        return out.logits, values
+
+
+def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Optional[nn.Module]]:
+    """-> ``(policy, ref_lm)``. With LoRA ``ref_lm`` is None: the reference is ``policy.lm``
+    under ``disable_adapter()``; otherwise it is a frozen copy of ``lm``."""
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+        ref_lm = None
+    else:
+        ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+    policy = PolicyWithValueHead(lm).eval()  # eval: no dropout anywhere in PPO
+    return policy, ref_lm
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids that skip left padding, as ``generate`` numbers them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def response_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                     lm_only: bool = False):
+    """Log-probs (and values) of the response tokens given the prompt.
+
+    Args:
+        model: a :class:`PolicyWithValueHead` (``lm_only=False``) or a bare causal LM.
+        query_ids: ``(B, P)`` left-padded prompt ids; ``query_mask`` ``(B, P)`` 1 for prompt tokens.
+        response_ids: ``(B, T)`` right-padded response ids; ``response_mask`` ``(B, T)`` 1 for
+            real response tokens (up to and including eos).
+        temperature: the sampling temperature; logits are divided by it.
+
+    Returns ``(logprobs, values)``: ``(B, T)`` ``log pi(a_t | s_t)`` and ``(B, T)`` ``V(s_t)``
+    (``values`` is None with ``lm_only``). Position ``P - 1 + t`` is the state before token t.
+    """
+    input_ids = torch.cat([query_ids, response_ids], 1)                  # (B, P + T)
+    attention_mask = torch.cat([query_mask, response_mask], 1).long()    # (B, P + T)
+    position_ids = _positions(attention_mask)
+    p = query_ids.shape[1]
+    if lm_only:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        values = None
+    else:
+        logits, values = model(input_ids, attention_mask, position_ids)
+        values = values[:, p - 1:-1]                                     # (B, T)
+    logits = logits[:, p - 1:-1].float() / temperature                  # (B, T, V) predicts response tokens
+    return ppo_math.logprobs_from_logits(logits, response_ids), values
+
+
+# --------------------------------------------------------------------------- rollout
+
+
+@dataclasses.dataclass
+class Rollout:
+    """One step's sampled responses and everything PPO needs about them."""
+
+    query_ids: torch.Tensor      # (B, P) prompt token ids, left-padded
+    query_mask: torch.Tensor     # (B, P) 1 for prompt tokens, 0 for left padding
+    response_ids: torch.Tensor   # (B, T) sampled token ids, right-padded with the pad id
+    response_mask: torch.Tensor  # (B, T) 1 for real response tokens, up to and including eos
+    logprobs: torch.Tensor       # (B, T) log pi_old(a_t | s_t) under the rollout policy (at temperature)
+    ref_logprobs: torch.Tensor   # (B, T) log pi_ref(a_t | s_t) of the same tokens
+    values: torch.Tensor         # (B, T) V(s_t) from the value head at rollout time
+    truncated: torch.Tensor      # (B,) bool: no eos within max_new_tokens
+    prompts: list[str]           # B prompt texts
+    prompt_classes: list[str]    # B prompt classes
+    responses: list[str]         # B decoded responses (special tokens removed)
+
+    @property
+    def empty(self) -> torch.Tensor:
+        """(B,) bool: the response has no real token at all (all-zero mask)."""
+        return self.response_mask.sum(1) == 0
+
+
+def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(B, T)`` sampled ids -> ``(mask, truncated)``.
+
+    ``mask`` ``(B, T)`` is 1 up to and including the first eos of a row and 0 after it;
+    a row without eos (``truncated``, ``(B,)`` bool) is 1 everywhere.
+    """
+    is_eos = torch.isin(response_ids, torch.tensor(eos_ids, device=response_ids.device))  # (B, T)
+    # eos strictly before position t: every token after the first eos is padding.
+    eos_before = (is_eos.long().cumsum(1) - is_eos.long()) > 0
+    return (~eos_before).long(), ~is_eos.any(1)
+
+
+@torch.no_grad()
+def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer, prompts: list[str],
+            prompt_classes: list[str], cfg: PPOConfig) -> Rollout:
+    """Sample one response per prompt and record log-probs, reference log-probs and values.
+
+    ``policy`` is the unwrapped policy; ``ref_lm`` the frozen reference, or None to use the
+    policy's LM with its LoRA adapters disabled. Prompts are rendered with the chat template
+    (generation prompt added) and left-padded so every row's response starts at column P.
+    """
+    device = next(policy.parameters()).device
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in prompts]
+    enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
+                    max_length=cfg.max_prompt_length, add_special_tokens=False, return_tensors="pt").to(device)
+    query_ids, query_mask = enc["input_ids"], enc["attention_mask"]     # (B, P)
+    eos_ids = [tokenizer.eos_token_id]
+    out = policy.lm.generate(
+        input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+        top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
+        pad_token_id=tokenizer.pad_token_id)
+    response_ids = out[:, query_ids.shape[1]:]                          # (B, T), T <= max_new_tokens
+    response_mask, truncated = response_mask_from_ids(response_ids, eos_ids)
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    logprobs, values = response_forward(policy, query_ids, query_mask, response_ids, response_mask, cfg.temperature)
+    if ref_lm is None:
+        with policy.lm.disable_adapter():
+            ref_logprobs, _ = response_forward(policy.lm, query_ids, query_mask, response_ids, response_mask,
+                                               cfg.temperature, lm_only=True)
+    else:
+        ref_logprobs, _ = response_forward(ref_lm, query_ids, query_mask, response_ids, response_mask,
+                                           cfg.temperature, lm_only=True)
+    responses = tokenizer.batch_decode(torch.where(response_mask.bool(), response_ids, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+    return Rollout(query_ids, query_mask, response_ids, response_mask, logprobs, ref_logprobs, values,
+                   truncated, list(prompts), list(prompt_classes), responses)
+
+
+# --------------------------------------------------------------------------- one PPO step
+
+
+def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
+               returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator) -> dict[str, float]:
+    """``ppo_epochs`` passes of clipped PPO over shuffled mini-batches of one rollout.
+
+    ``mask`` ``(B, T)`` is the response mask with unscored rows zeroed; ``advantages`` and
+    ``returns`` are ``(B, T)``. Returns the mean of each loss statistic over the updates.
+    """
+    stats: dict[str, list[float]] = {}
+    n = mask.shape[0]
+    params = [p for p in model.parameters() if p.requires_grad]
+    for _ in range(cfg.ppo_epochs):
+        order = torch.randperm(n, generator=generator).to(mask.device)
+        for start in range(0, n, cfg.mini_batch_size):
+            idx = order[start:start + cfg.mini_batch_size]
+            mb_mask = mask[idx]                                          # (b, T)
+            if not bool(mb_mask.any()):
+                continue  # every response here is unscored: nothing to learn from
+            new_logprobs, new_values = response_forward(model, ro.query_ids[idx], ro.query_mask[idx],
+                                                        ro.response_ids[idx], ro.response_mask[idx], cfg.temperature)
+            pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], mb_mask,
+                                                     cfg.clip_range)
+            vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx], returns[idx], mb_mask,
+                                                    cfg.clip_range_value)
+            loss = pg_loss + cfg.vf_coef * vf_loss
+            accelerator.backward(loss)
+            if cfg.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad()
+            for key, value in {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
+                               "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
+                               "value/clipfrac": vf_stats["vf_clipfrac"]}.items():
+                stats.setdefault(key, []).append(float(value.detach()))
+    return {k: sum(v) / len(v) for k, v in stats.items()}
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _finite_or_none(x: float) -> Optional[float]:
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _prompt_batches(n_rows: int, per_step: int, seed: int):
+    """Endless index batches of size ``per_step`` over a reshuffled order each epoch."""
+    rng = random.Random(seed)
+    order: list[int] = []
+    while True:
+        while len(order) < per_step:
+            epoch = list(range(n_rows))
+            rng.shuffle(epoch)
+            order += epoch
+        yield order[:per_step]
+        order = order[per_step:]
+
+
+def _rbrm_classes(rewards: dict[str, Any], classes: list[str]) -> dict[str, Any]:
+    """Give rbrm entries that do not list ``classes`` the prompt classes present in the data,
+    so a missing rubric is reported for exactly the classes the run will meet."""
+    out = {}
+    for name, entry in rewards.items():
+        entry = dict(entry) if isinstance(entry, dict) else entry
+        if isinstance(entry, dict) and (entry.get("type") or name) == "rbrm" and "classes" not in entry:
+            entry["classes"] = classes
+        out[name] = entry
+    return out
+
+
+def load_train_prompts(cfg: PPOConfig):
+    from pipeline.data import load_prompts
+
+    ds = load_prompts(cfg.prompts, cfg.fields)
+    ds = ds.select([i for i, split in enumerate(ds["split"]) if split != "eval"])
+    if len(ds) == 0:
+        raise DataError(f"{cfg.prompts}: no training prompts (every row has split: eval)")
+    return ds
+
+
+def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool) -> None:
+    """Write the policy's LM (LoRA merged when ``merge``) and tokenizer to ``path``, plus the
+    value head as ``value_head.pt`` beside them."""
+    lm = policy.lm
+    if merge and hasattr(lm, "merge_and_unload"):
+        lm = lm.merge_and_unload()
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.save(policy.v_head.state_dict(), Path(path) / "value_head.pt")
+
+
+# --------------------------------------------------------------------------- main
+
+
+def main(cfg: PPOConfig, reward_composer=None) -> dict:
+    """Run PPO and save the policy; returns the run's summary metrics (also in ``metrics.json``).
+
+    ``reward_composer`` replaces the one built from ``cfg.rewards`` (for tests and library use).
+    """
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+    from transformers import set_seed
+
+    from pipeline.models import load_causal_lm, load_tokenizer, resolve_model
+    from pipeline.rewards import build_reward_composer
+
+    timer = Timer()
+    trackers = [r for r in cfg.report_to if r != "none"]
+    out = Path(cfg.output_dir)
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(out))
+    is_main = accelerator.is_main_process
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main)
+    if reused is not None:
+        return reused
+
+    # Data and rewards first: a missing rubric or a bad row stops the run before any model loads.
+    ds = load_train_prompts(cfg)
+    classes = sorted(set(ds["prompt_class"]))
+    composer = reward_composer or build_reward_composer(_rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
+
+    set_seed(cfg.seed)
+    path = resolve_model(cfg.model, cfg.cache_dir)
+    tokenizer = load_tokenizer(path)
+    policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
+                                  weight_decay=cfg.weight_decay)
+    model, optimizer = accelerator.prepare(policy, optimizer)
+    if ref_lm is not None:
+        ref_lm.to(accelerator.device)
+    if trackers:
+        accelerator.init_trackers("logs", config={k: v for k, v in config_lib.to_dict(cfg).items()
+                                                  if isinstance(v, (int, float, str, bool))})
+    kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
+              else ppo_math.FixedKLController(cfg.kl_coef))
+    # Sampling differs per process; the shuffle generator is per process too (different data).
+    set_seed(cfg.seed + accelerator.process_index)
+    shuffle = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
+    per_step = cfg.batch_size * accelerator.num_processes
+    batches = _prompt_batches(len(ds), per_step, cfg.seed)
+    rank_slice = slice(accelerator.process_index * cfg.batch_size, (accelerator.process_index + 1) * cfg.batch_size)
+    if is_main:
+        print(f"ppo: {len(ds)} training prompts, {per_step} responses per step over {accelerator.num_processes} "
+              f"process(es), {cfg.batch_size // cfg.mini_batch_size * cfg.ppo_epochs} updates per step",
+              file=sys.stderr)
+
+    history: list[dict[str, float]] = []
+    totals = {"skipped": 0, "empty": 0, "truncated": 0, "responses": 0}
+    bar = tqdm(range(1, cfg.steps + 1), desc="ppo", disable=not is_main, dynamic_ncols=True)
+    unwrapped = accelerator.unwrap_model(model)
+    for step in bar:
+        rows = ds.select(next(batches)[rank_slice])
+        ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
+
+        # Rewards: one composed score per response; NaN (no source applied) drops the row.
+        total, info = composer(ro.prompts, ro.responses, ro.prompt_classes)
+        score = torch.as_tensor(total, dtype=torch.float32, device=ro.logprobs.device)  # (B,)
+        scored = torch.isfinite(score) & ~ro.empty                                     # (B,)
+        mask = ro.response_mask * scored[:, None].long()                                # (B, T)
+        score = torch.where(scored, score, torch.zeros_like(score))
+        rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_ctl.value,
+                                                 cfg.kl_estimator)                      # (B, T) each
+        advantages, returns = ppo_math.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
+        if cfg.whiten_advantages:
+            advantages = ppo_math.masked_whiten(advantages, mask)
+        loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle)
+
+        # Batch statistics, summed over processes so every process updates beta the same way.
+        seq_kl = kl.sum(1)                                                              # (B,)
+        sums = torch.tensor([
+            float(seq_kl[scored].sum()), float(scored.sum()), float(score[scored].sum()),
+            float((~scored).sum()), float(ro.empty.sum()),
+            float(ro.truncated.sum()), float(ro.response_mask.sum()), float(len(ro.responses)),
+        ], device=accelerator.device)
+        sums = accelerator.reduce(sums, reduction="sum").tolist()
+        kl_sum, n_scored, score_sum, n_skipped, n_empty, n_trunc, n_tokens, n_resp = sums
+        mean_kl = kl_sum / n_scored if n_scored else 0.0
+        mean_score = score_sum / n_scored if n_scored else math.nan
+        beta = kl_ctl.value
+        kl_ctl.update(mean_kl, int(n_resp))
+        totals["skipped"] += int(n_skipped)
+        totals["empty"] += int(n_empty)
+        totals["truncated"] += int(n_trunc)
+        totals["responses"] += int(n_resp)
+
+        metrics = {"step": step, "reward/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": beta,
+                   "objective/rlhf_reward": mean_score - beta * mean_kl if n_scored else math.nan,
+                   "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
+                   "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats}
+        history.append(metrics)
+        bar.set_postfix(reward=f"{mean_score:.3f}", kl=f"{mean_kl:.3f}")
+        if is_main:
+            with open(out / "history.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps({k: _finite_or_none(v) for k, v in metrics.items()}) + "\n")
+            if trackers and step % cfg.log_every == 0:
+                accelerator.log({k: v for k, v in metrics.items() if k != "step" and math.isfinite(v)}, step=step)
+            if cfg.sample_every and step % cfg.sample_every == 0:
+                with open(out / "samples.jsonl", "a", encoding="utf-8") as f:
+                    for i in range(len(ro.responses)):
+                        f.write(json.dumps({
+                            "step": step, "prompt": ro.prompts[i], "prompt_class": ro.prompt_classes[i],
+                            "response": ro.responses[i], "truncated": bool(ro.truncated[i]),
+                            "reward": _finite_or_none(total[i]),
+                            "rewards": {name: _finite_or_none(raw[i]) for name, raw in info.raw.items()},
+                            "kl": float(seq_kl[i]),
+                        }) + "\n")
+        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+            accelerator.wait_for_everyone()
+            if is_main:
+                save_policy(unwrapped, tokenizer, out / "checkpoints" / f"step-{step}", merge=False)
+    bar.close()
+
+    accelerator.wait_for_everyone()
+    final = out / runs.MODEL_DIR
+    if is_main:
+        staging = runs.staging_dir(cfg.output_dir)
+        save_policy(unwrapped, tokenizer, staging, merge=cfg.lora)
+        runs.publish_dir(staging, final)
+    accelerator.wait_for_everyone()
+    if trackers:
+        accelerator.end_training()
+
+    def mean_of(key: str, part: list[dict]) -> Optional[float]:
+        values = [h[key] for h in part if math.isfinite(h[key])]
+        return sum(values) / len(values) if values else None
+
+    k = max(1, min(5, len(history) // 2))
+    summary = {
+        "steps": len(history), "responses": totals["responses"], "skipped": totals["skipped"],
+        "empty": totals["empty"], "truncated": totals["truncated"],
+        "reward_first": mean_of("reward/score", history[:k]), "reward_last": mean_of("reward/score", history[-k:]),
+        "kl_first": mean_of("objective/kl", history[:k]), "kl_last": mean_of("objective/kl", history[-k:]),
+        "kl_coef_final": kl_ctl.value, "summary_window_steps": k,
+        "world_size": accelerator.num_processes, "wall_time_s": timer.seconds,
+    }
+    if is_main:
+        runs.finish(cfg.output_dir, STAGE, final, summary)
+        print(f"ppo: done in {summary['wall_time_s']}s; reward {summary['reward_first']} -> {summary['reward_last']} "
+              f"(mean of the first/last {k} steps), {summary['skipped']} response(s) skipped; model in {final}",
+              file=sys.stderr)
+    return summary
+
+
+def cli(argv: list[str] | None = None) -> None:
+    cfg = config_lib.parse(PPOConfig, argv, prog="rbrm ppo", description=__doc__)
+    try:
+        main(cfg)
+    except RubricError as e:
+        config_lib.fail("; ".join(e.problems))
+    except (ConfigError, DataError, ModelError) as e:
+        config_lib.fail(str(e))
+
+
+if __name__ == "__main__":
+    cli()

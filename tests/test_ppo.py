@@ -1,0 +1,192 @@
+import json
+import math
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from conftest import REPO, write_jsonl
+from pipeline import config as config_lib
+from pipeline import ppo
+from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.rewards import ContainsSource, RewardComposer, RewardSource
+
+PROMPTS = ["Hi.", "Name a colour, please, and say why you like it so much.", "What is two plus two?"]
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    torch.set_num_threads(1)
+
+
+def _prompts_file(tmp_path, classes=("safe",), n=4):
+    rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": classes[i % len(classes)],
+             "split": "train"} for i in range(n)]
+    rows.append({"prompt": "held out", "prompt_class": classes[0], "split": "eval"})
+    return write_jsonl(tmp_path / "prompts.jsonl", rows)
+
+
+def _cfg(tmp_path, model, **kw):
+    base = {"model": str(model), "prompts": str(_prompts_file(tmp_path)), "output_dir": str(tmp_path / "run"),
+            "report_to": ["none"], "steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+            "max_new_tokens": 4, "learning_rate": 1e-3, "rewards": {"contains": {"text": "a", "reward": 1}}}
+    return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
+
+
+def test_response_mask_covers_up_to_eos_and_flags_truncation():
+    eos = 2
+    ids = torch.tensor([[5, 6, 2, 0, 0],    # eos at 2: mask through it
+                        [2, 0, 0, 0, 0],    # eos first: one real token
+                        [5, 6, 7, 8, 9],    # no eos: truncated, all real
+                        [5, 2, 7, 2, 9]])   # tokens after the first eos do not count
+    mask, truncated = ppo.response_mask_from_ids(ids, [eos])
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+    assert truncated.tolist() == [False, False, True, False]
+
+
+def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir):
+    with pytest.raises(config_lib.ConfigError, match="mini_batch_size must divide batch_size"):
+        _cfg(tmp_path, tiny_model_dir, batch_size=4, mini_batch_size=3)
+
+
+def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):
+    cfg = _cfg(tmp_path, tiny_model_dir, max_new_tokens=6, **kw)
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy, ref_lm = ppo.build_policy(load_causal_lm(str(tiny_model_dir), tok), cfg)
+    if inject_eos_at is not None:
+        # The random model almost never samples eos; force one into row 0 so both cases are seen.
+        generate = policy.lm.generate
+
+        def generate_with_eos(**gen_kw):
+            out = generate(**gen_kw)
+            out[0, gen_kw["input_ids"].shape[1] + inject_eos_at] = tok.eos_token_id
+            return out
+
+        policy.lm.generate = generate_with_eos
+    torch.manual_seed(0)
+    ro = ppo.rollout(policy, ref_lm, tok, PROMPTS, ["safe"] * len(PROMPTS), cfg)
+    return cfg, tok, policy, ref_lm, ro
+
+
+def test_rollout_shapes_masks_and_logprobs(tmp_path, tiny_model_dir):
+    cfg, tok, policy, ref_lm, ro = _rollout(tmp_path, tiny_model_dir, inject_eos_at=2)
+    b, t = ro.response_ids.shape
+    assert b == 3 and t == 6
+    for name in ("response_mask", "logprobs", "ref_logprobs", "values"):
+        assert getattr(ro, name).shape == (b, t), name
+    # Prompts are left-padded: each row's real tokens end at the last column.
+    assert bool(ro.query_mask[:, -1].all())
+    assert (ro.query_mask.sum(1) < ro.query_mask.shape[1]).any(), "prompts of different lengths should need padding"
+    # Row 0 stops at its eos (position 2, included); pad after it. The others ran out of tokens.
+    assert ro.response_mask[0].tolist() == [1, 1, 1, 0, 0, 0]
+    assert ro.response_ids[0, 2] == tok.eos_token_id
+    assert (ro.response_ids[0, 3:] == tok.pad_token_id).all()
+    assert ro.truncated.tolist() == [False, True, True]
+    assert ro.response_mask[1:].eq(1).all()
+    assert len(ro.responses) == 3 and all(isinstance(r, str) for r in ro.responses)
+    # Logprobs equal a fresh forward of each row alone (no padding at all), at temperature.
+    with torch.no_grad():
+        for i in range(b):
+            prompt = ro.query_ids[i][ro.query_mask[i].bool()]
+            n = int(ro.response_mask[i].sum())
+            ids = torch.cat([prompt, ro.response_ids[i, :n]])[None]
+            logits = policy.lm(input_ids=ids).logits[0, len(prompt) - 1:-1] / cfg.temperature
+            expected = torch.log_softmax(logits.float(), -1).gather(-1, ro.response_ids[i, :n, None]).squeeze(-1)
+            torch.testing.assert_close(ro.logprobs[i, :n], expected, atol=1e-4, rtol=0)
+            # The reference starts as the same weights: same numbers before any update.
+            torch.testing.assert_close(ro.ref_logprobs[i, :n], expected, atol=1e-4, rtol=0)
+
+
+def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_model_dir):
+    cfg, tok, policy, ref_lm, ro = _rollout(tmp_path, tiny_model_dir, lora=True, lora_r=4, lora_alpha=8)
+    assert ref_lm is None, "with LoRA the reference must be the adapter-disabled policy, not a copy"
+    base = load_causal_lm(str(tiny_model_dir), tok).eval()
+    args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, cfg.temperature)
+    mask = ro.response_mask.bool()
+    with torch.no_grad():
+        base_lp, _ = ppo.response_forward(base, *args, lm_only=True)
+    torch.testing.assert_close(ro.ref_logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro.logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)  # LoRA starts as a no-op
+
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    logprobs, _ = ppo.response_forward(policy, *args)
+    (-(logprobs * ro.response_mask).sum()).backward()
+    optimizer.step()
+
+    with torch.no_grad():
+        new_lp, _ = ppo.response_forward(policy, *args)
+        with policy.lm.disable_adapter():
+            ref_lp, _ = ppo.response_forward(policy.lm, *args, lm_only=True)
+    torch.testing.assert_close(ref_lp[mask], base_lp[mask], atol=1e-5, rtol=0)  # reference unchanged
+    assert (new_lp[mask] - base_lp[mask]).abs().max() > 1e-3                     # policy moved
+    assert (new_lp[mask] - base_lp[mask]).mean() > 0                             # ... in the pushed direction
+
+
+class EveryOtherNaN(RewardSource):
+    """1.0 for odd positions in the batch, NaN ("does not apply") for even ones."""
+
+    name = "flaky"
+
+    def __call__(self, prompts, responses, prompt_classes=None):
+        return np.array([math.nan if i % 2 == 0 else 1.0 for i in range(len(responses))])
+
+
+def test_unscored_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, sample_every=1, report_to=["tensorboard"])
+    before = load_causal_lm(str(tiny_model_dir)).state_dict()
+    summary = ppo.main(cfg, reward_composer=RewardComposer([EveryOtherNaN()]))
+
+    run = tmp_path / "run"
+    assert summary["skipped"] == 4 and summary["responses"] == 8  # 2 steps x 2 NaN rows
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["rollout/skipped"] for h in history] == [2, 2]
+    assert all(h["reward/flaky_nan"] == 2 for h in history)
+    samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 8
+    assert sum(s["reward"] is None for s in samples) == 4
+    assert all(s["rewards"]["flaky"] in (None, 1.0) for s in samples)
+    assert json.loads((run / "run.json").read_text())["status"] == "complete"
+    assert json.loads((run / "metrics.json").read_text())["skipped"] == 4
+    assert any((run / "logs").rglob("events.out.tfevents*")), "tensorboard logs expected in <run>/logs"
+    after = load_causal_lm(str(run / "model")).state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before), "the scored half should still train the policy"
+    assert (run / "model" / "value_head.pt").is_file()
+
+
+@pytest.mark.slow
+def test_ppo_learns_a_contains_reward(tmp_path, tiny_model_dir):
+    # +1 when the response holds the letter "a". Two random tokens contain it about 60% of
+    # the time at first; PPO should push that to (nearly) always within a few steps.
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(_prompts_file(tmp_path, n=8)), steps=14, batch_size=8,
+               mini_batch_size=4, ppo_epochs=4, learning_rate=1e-2, clip_range=2.0, max_new_tokens=2, kl_coef=0.0,
+               sample_every=0)
+    summary = ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
+    assert summary["reward_last"] >= 0.9
+    assert summary["reward_last"] - summary["reward_first"] >= 0.2, summary
+    assert summary["kl_last"] > summary["kl_first"]
+
+
+def test_missing_rubric_for_a_prompt_class_is_one_clear_line(tmp_path, tiny_model_dir, model_cache, minilm_dir,
+                                                              capsys):
+    rubrics = tmp_path / "rubrics"
+    rubrics.mkdir()
+    shutil.copy(REPO / "rubrics" / "refusal_style.yaml", rubrics)  # covers 'harmful' only
+    config = {
+        "model": str(tiny_model_dir), "prompts": str(_prompts_file(tmp_path, classes=("harmful", "safe"))),
+        "output_dir": str(tmp_path / "run"), "report_to": ["none"],
+        "rewards": {"rbrm": {"grader": {"backend": "embedding", "rubrics": [str(rubrics)],
+                                        "cache_dir": str(model_cache)}}},
+    }
+    path = tmp_path / "ppo.yaml"
+    path.write_text(yaml.safe_dump(config))
+    with pytest.raises(SystemExit) as exit_info:
+        ppo.cli(["--config", str(path)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]  # besides model-loading progress bars
+    assert len(lines) == 1, err
+    assert "'safe'" in lines[0] and "rbrm" in lines[0] and "harmful" in lines[0]
+    assert not (tmp_path / "run" / "model").exists()
