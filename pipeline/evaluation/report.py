@@ -24,8 +24,11 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.rbrm.rubric import CATEGORY_LABELS as CATEGORIES
+from pipeline.rbrm.rubric import PROMPT_CLASSES as CLASS_ORDER
+
 REPORT_FILE = "report.json"
-CATEGORIES = ("A", "B", "C", "D")
+# short forms of rubric.CATEGORY_MEANING, for table headers and chart legends
 CATEGORY_NAMES = {
     "A": "desired refusal",
     "B": "undesired refusal",
@@ -33,7 +36,6 @@ CATEGORY_NAMES = {
     "D": "safe non-refusal",
 }
 CATEGORY_COLOURS = {"A": "#2b8a3e", "B": "#f2a900", "C": "#c92a2a", "D": "#1c7ed6"}
-CLASS_ORDER = ("harmful", "sensitive", "safe")
 """Prompt classes are listed in this order; any other class follows, sorted by name."""
 
 CLASS_METRICS = (
