@@ -56,7 +56,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
     from pipeline.config import ConfigError
     from pipeline.models import ModelError
     from pipeline.rbrm import agreement as agree
-    from pipeline.rbrm.grader import GradeCache, GradeItem, Grader, GraderConfig, build_backend
+    from pipeline.rbrm.grader import GradeItem, Grader, GraderConfig
 
     try:
         rubric = load_rubric(args.rubric)
@@ -69,9 +69,8 @@ def eval_cmd(args: argparse.Namespace) -> int:
                                args.response_field, args.limit)
         cfg = GraderConfig(backend=args.backend, model=args.model, base_url=args.base_url, mode=args.mode,
                            calibrate=not args.no_calibrate, batch_size=args.batch_size,
-                           max_response_chars=args.max_response_chars, cache=args.cache)
-        cfg.validate()
-        backend = build_backend(cfg)
+                           max_response_chars=args.max_response_chars, cache=args.cache, rubrics=[args.rubric])
+        grader = Grader.from_config(cfg)
     except RubricError as e:
         for problem in e.problems:
             print(f"error: {problem}", file=sys.stderr)
@@ -79,8 +78,6 @@ def eval_cmd(args: argparse.Namespace) -> int:
     except (agree.GoldError, ConfigError, ModelError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    grader = Grader([rubric], backend, mode=cfg.mode, calibrate=cfg.calibrate,
-                    max_response_chars=cfg.max_response_chars, cache=GradeCache(cfg.cache) if cfg.cache else None)
     items = [GradeItem(r.response, r.prompt if not args.no_prompt else None, prompt_class) for r in gold]
     start = time.perf_counter()
     grades = grader.grade(items, progress=True)
@@ -90,12 +87,12 @@ def eval_cmd(args: argparse.Namespace) -> int:
     result["rows_per_second"] = round(len(gold) / seconds, 2) if seconds > 0 else None
     settings = {"rubric": args.rubric, "rubric_id": rubric.id, "rubric_hash": rubric.hash, "gold": args.gold,
                 "label": args.label, "positive_value": args.positive_value, "positive": list(positive),
-                "prompt_class": prompt_class, "with_prompt": not args.no_prompt, "grader": backend.fingerprint,
+                "prompt_class": prompt_class, "with_prompt": not args.no_prompt, "grader": grader.backend.fingerprint,
                 "mode": grader.mode_for(rubric), "calibrate": cfg.calibrate, "limit": args.limit,
                 "max_response_chars": cfg.max_response_chars}
     out = Path(args.out)
     agree.write_outputs(out, result, settings, gold, grades, positive)
-    print(f"{args.gold}: {result['scored']}/{result['rows']} scored in {seconds:.0f} s by {backend.fingerprint} "
+    print(f"{args.gold}: {result['scored']}/{result['rows']} scored in {seconds:.0f} s by {grader.backend.fingerprint} "
           f"({settings['mode']})")
     if result["scored"]:
         print(f"  accuracy {result['accuracy']:.3f}   ROC AUC {result['roc_auc']}   calibration error "

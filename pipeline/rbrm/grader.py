@@ -250,9 +250,10 @@ class Grader:
         results: list[Grade | None] = [None] * len(items)
         keys: list[str | None] = [None] * len(items)
         if self.cache is not None:
+            # the settings part of the key hashes the whole rubric: once per class, not per item
+            settings = {cls: self.settings_key(self.rubric_for(cls), cls) for cls in {it.prompt_class for it in items}}
             for i, item in enumerate(items):
-                rubric = self.rubric_for(item.prompt_class)
-                keys[i] = GradeCache.key(self.settings_key(rubric, item.prompt_class), item.prompt, item.response)
+                keys[i] = GradeCache.key(settings[item.prompt_class], item.prompt, item.response)
             hits = self.cache.get_many([k for k in keys if k])
             for i, k in enumerate(keys):
                 if k in hits:
