@@ -136,8 +136,9 @@ class EmbeddingBackend:
         x = np.zeros((n, len(FEATURES)))
         a_vs_b = np.zeros(n)
         c_vs_d = np.zeros(n)
+        bounds = np.searchsorted(owner, np.arange(n + 1))  # pieces are in item order
         for i in range(n):
-            m = owner == i
+            m = slice(bounds[i], bounds[i + 1])
             mi, si = margin[m], sims[m]
             x[i] = [mi[0], mi.mean(), (mi > 0).mean(), engagement[m].max()]
             refusing = mi > 0 if (mi > 0).any() else np.ones_like(mi, dtype=bool)
