@@ -114,7 +114,7 @@ class HFBackend:
         if key not in self._option_ids:
             ids = []
             for opt in options:
-                firsts = {ids[0] for ids in map(self._encode, _option_variants(opt)) if ids}
+                firsts = {tokens[0] for tokens in map(self._encode, _option_variants(opt)) if tokens}
                 ids.append(sorted(firsts))
             flat = [i for group in ids for i in group]
             if len(flat) != len(set(flat)):
