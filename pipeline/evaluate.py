@@ -253,20 +253,15 @@ def desired_categories(grader) -> dict[str, str]:
 
 
 def main(cfg: EvaluateConfig) -> dict:
-    from accelerate import PartialState
-
     from pipeline.evaluation import metrics as metrics_lib
     from pipeline.evaluation import report as report_lib
     from pipeline.evaluation.refusal_match import classify
     from pipeline.models import resolve_model
     from pipeline.rbrm.grader import GradeItem, Grader, GraderConfig
-    from pipeline.training import Timer
-
-    import torch
+    from pipeline.training import Timer, process_state
 
     cfg.validate()
-    # cpu=True on CPU-only machines makes a multi-process launch use gloo instead of NCCL
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = process_state()
     timer = Timer()
     if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process):
         if state.is_main_process:

@@ -31,7 +31,7 @@ from pipeline import runs
 from pipeline.config import ConfigError, field
 from pipeline.data import DataError
 from pipeline.models import ModelError
-from pipeline.training import Timer, TrainStageConfig, lora_config, save_final_model, trainer_kwargs
+from pipeline.training import Timer, TrainStageConfig, lora_config, process_state, save_final_model, trainer_kwargs
 
 STAGE = "reward_model"
 
@@ -149,11 +149,9 @@ def build_trainer(cfg: RewardModelConfig, train_ds, eval_ds=None):
 
 def main(cfg: RewardModelConfig) -> dict:
     """Train, save and measure held-out accuracy; returns the metrics (also in ``metrics.json``)."""
-    from accelerate import PartialState
-
     from pipeline.data import load_preferences, split_dataset
 
-    state = PartialState()
+    state = process_state()
     timer = Timer()
     reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process)
     if reused is not None:

@@ -29,7 +29,7 @@ from pipeline import runs
 from pipeline.config import ConfigError, field
 from pipeline.data import DataError
 from pipeline.models import CHATML_TRAINING_TEMPLATE, ModelError
-from pipeline.training import Timer, TrainStageConfig, lora_config, save_final_model, trainer_kwargs
+from pipeline.training import Timer, TrainStageConfig, lora_config, process_state, save_final_model, trainer_kwargs
 
 STAGE = "sft"
 
@@ -98,11 +98,9 @@ def build_trainer(cfg: SFTStageConfig, train_ds, eval_ds=None):
 
 def main(cfg: SFTStageConfig) -> dict:
     """Train and save; returns the run's metrics (also written to ``metrics.json``)."""
-    from accelerate import PartialState
-
     from pipeline.data import load_sft
 
-    state = PartialState()
+    state = process_state()
     timer = Timer()
     reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process)
     if reused is not None:

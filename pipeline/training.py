@@ -63,6 +63,18 @@ class TrainStageConfig:
             raise ConfigError(f"key 'learning_rate': expected a positive number, got {self.learning_rate}")
 
 
+def process_state():
+    """accelerate's view of this process (rank, world size, main process).
+
+    On a CPU-only machine it must be built with ``cpu=True``: otherwise, under a multi-process
+    launch, every process comes up as a lone main process and they all write the run folder.
+    """
+    import torch
+    from accelerate import PartialState
+
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def bf16_available() -> bool:
     """True where bf16 matmuls are fast: a bf16-capable GPU, or a CPU with AMX or AVX512-BF16."""
     import torch
