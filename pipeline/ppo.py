@@ -37,8 +37,11 @@ import copy
 import dataclasses
 import json
 import math
+import os
 import random
+import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any, Optional
 
@@ -55,6 +58,7 @@ from pipeline.training import Timer
 
 STAGE = "ppo"
 CRITICS = ("value_head",)
+ALGOS = ("ppo", "grpo", "rloo")
 
 DEFAULT_REWARDS = {
     "rm": {"model": "runs/reward_model", "weight": 1.0, "normalise": "running"},
@@ -69,6 +73,8 @@ class PPOConfig:
     fields: dict[str, str] = field({}, help="column renames, ours=theirs (e.g. prompt=question)")
     output_dir: str = field("runs/ppo", help="run folder: config, logs, samples, metrics and the final model/")
     if_exists: str = field("error", help="when output_dir holds a finished run: error | reuse | overwrite")
+    algo: str = field("ppo", help="ppo (ours, with a critic) | grpo | rloo (TRL's critic-free trainers on the same rewards)")
+    num_generations: int = field(4, help="grpo/rloo: responses sampled per prompt (the group a baseline is taken over)")
     steps: int = field(20, help="PPO steps; each samples batch_size responses per process, then updates")
     batch_size: int = field(4, help="prompts (= responses) per step, per process")
     mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
@@ -100,7 +106,11 @@ class PPOConfig:
     seed: int = field(42, help="seed for prompt order, sampling and initialisation")
     log_every: int = field(1, help="send metrics to the trackers every N steps")
     sample_every: int = field(5, help="append the step's rollouts to samples.jsonl every N steps; 0 = never")
-    save_every: int = field(0, help="save the policy to checkpoints/step-N every N steps; 0 = final model only")
+    save_every: int = field(0, help="every N steps save a resumable checkpoint to checkpoints/step-N (policy, value head, "
+                                    "optimizer, RNG, KL coefficient, reward statistics, prompt order); 0 = never")
+    keep_checkpoints: int = field(2, help="how many of the newest checkpoints to keep; older ones are deleted")
+    resume: Any = field(False, help="true: continue from the newest checkpoint in output_dir (error if there is none); "
+                                    "auto: continue if there is one, else start; false: start from step 0")
     report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
     cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
 
@@ -111,6 +121,14 @@ class PPOConfig:
                      "log_every", "kl_horizon"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
+        if self.save_every < 0:
+            raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
+        resume = str(self.resume).strip().lower()
+        if resume not in ("true", "false", "auto"):
+            raise ConfigError(f"key 'resume': expected true, false or auto, got {self.resume!r}")
+        self.resume = {"true": True, "false": False}.get(resume, "auto")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'mini_batch_size' ({self.mini_batch_size}): "
                               "mini_batch_size must divide batch_size")
@@ -124,6 +142,11 @@ class PPOConfig:
         if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
             raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
                               f"got {self.kl_estimator!r}")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"key 'algo': expected one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.algo != "ppo" and self.num_generations < 2:
+            raise ConfigError(f"key 'num_generations': {self.algo} needs at least 2 responses per prompt, "
+                              f"got {self.num_generations}")
         if self.critic not in CRITICS:
             raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
         if isinstance(self.rewards, str):  # from the command line: a JSON object
@@ -293,23 +316,32 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
 
     ``mask`` ``(B, T)`` is the response mask with unscored rows zeroed; ``advantages`` and
     ``returns`` are ``(B, T)``. Returns the mean of each loss statistic over the updates.
+
+    Under several processes each loss is this process's token sum divided by the global
+    mini-batch's token count over the world size, so the gradient all-reduce yields the mean
+    over every real token: the same update as one process holding the whole global batch.
     """
     stats: dict[str, list[float]] = {}
     n = mask.shape[0]
+    world = accelerator.num_processes
     params = [p for p in model.parameters() if p.requires_grad]
     for _ in range(cfg.ppo_epochs):
         order = torch.randperm(n, generator=generator).to(mask.device)
         for start in range(0, n, cfg.mini_batch_size):
             idx = order[start:start + cfg.mini_batch_size]
             mb_mask = mask[idx]                                          # (b, T)
-            if not bool(mb_mask.any()):
-                continue  # every response here is unscored: nothing to learn from
+            tokens = mb_mask.sum().float()
+            if world > 1:
+                tokens = accelerator.reduce(tokens, reduction="sum")
+            if float(tokens) == 0:
+                continue  # no scored token on any process: nothing to learn (the same choice everywhere)
+            token_count = tokens / world
             new_logprobs, new_values = response_forward(model, ro.query_ids[idx], ro.query_mask[idx],
                                                         ro.response_ids[idx], ro.response_mask[idx], cfg.temperature)
             pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], mb_mask,
-                                                     cfg.clip_range)
+                                                     cfg.clip_range, token_count)
             vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx], returns[idx], mb_mask,
-                                                    cfg.clip_range_value)
+                                                    cfg.clip_range_value, token_count)
             loss = pg_loss + cfg.vf_coef * vf_loss
             accelerator.backward(loss)
             if cfg.max_grad_norm > 0:
@@ -320,7 +352,13 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
                                "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
                                "value/clipfrac": vf_stats["vf_clipfrac"]}.items():
                 stats.setdefault(key, []).append(float(value.detach()))
-    return {k: sum(v) / len(v) for k, v in stats.items()}
+    means = {k: sum(v) / len(v) for k, v in stats.items()}
+    if world > 1 and means:
+        # losses are shares of a global sum (add them up); the rest are per-process means
+        keys = sorted(means)
+        totals = accelerator.reduce(torch.tensor([means[k] for k in keys], device=mask.device), reduction="sum")
+        means = {k: float(v) if k.startswith("loss/") else float(v) / world for k, v in zip(keys, totals.tolist())}
+    return means
 
 
 # --------------------------------------------------------------------------- helpers
@@ -331,17 +369,31 @@ def _finite_or_none(x: float) -> Optional[float]:
     return x if math.isfinite(x) else None
 
 
-def _prompt_batches(n_rows: int, per_step: int, seed: int):
-    """Endless index batches of size ``per_step`` over a reshuffled order each epoch."""
-    rng = random.Random(seed)
-    order: list[int] = []
-    while True:
-        while len(order) < per_step:
-            epoch = list(range(n_rows))
-            rng.shuffle(epoch)
-            order += epoch
-        yield order[:per_step]
-        order = order[per_step:]
+class PromptSchedule:
+    """Endless batches of ``per_step`` row indices, reshuffled each epoch; resumable.
+
+    Every process holds the same schedule (same seed) and takes its slice of each batch.
+    """
+
+    def __init__(self, n_rows: int, per_step: int, seed: int):
+        self.n_rows, self.per_step = n_rows, per_step
+        self.rng = random.Random(seed)
+        self.order: list[int] = []
+
+    def next(self) -> list[int]:
+        while len(self.order) < self.per_step:
+            epoch = list(range(self.n_rows))
+            self.rng.shuffle(epoch)
+            self.order += epoch
+        batch, self.order = self.order[:self.per_step], self.order[self.per_step:]
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.getstate(), "order": list(self.order)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rng.setstate(state["rng"])
+        self.order = list(state["order"])
 
 
 def _rbrm_classes(rewards: dict[str, Any], classes: list[str]) -> dict[str, Any]:
@@ -366,6 +418,116 @@ def load_train_prompts(cfg: PPOConfig):
     return ds
 
 
+CHECKPOINTS = "checkpoints"
+STATE_FILE = "trainer_state.json"
+# Settings a resumed run may change: how long it runs and how it logs, not what it learns.
+RESUME_FREE_KEYS = frozenset({"steps", "if_exists", "resume", "log_every", "sample_every", "save_every",
+                              "keep_checkpoints", "report_to", "output_dir", "cache_dir"})
+
+
+def list_checkpoints(out: Path) -> list[tuple[int, Path]]:
+    """``[(step, folder)]`` of the complete checkpoints in ``out/checkpoints``, oldest first.
+    A folder counts once its ``trainer_state.json`` exists (it is written last, then renamed)."""
+    found = []
+    for path in (out / CHECKPOINTS).glob("step-*"):
+        suffix = path.name[len("step-"):]
+        if suffix.isdigit() and (path / STATE_FILE).is_file():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def checkpoint_to_resume(cfg: PPOConfig, world_size: int) -> Optional[tuple[Path, dict]]:
+    """The checkpoint this run continues from, or None to start at step 0.
+
+    Raises ConfigError, before anything is written, when the folder's checkpoints and the
+    request disagree: checkpoints exist but no resume was asked for, resume was asked for
+    with none there, or they come from different settings or a different process count.
+    """
+    out = Path(cfg.output_dir)
+    if runs.is_complete(out):
+        return None  # finished: runs.start reuses it, overwrites it or says why not
+    found = list_checkpoints(out)
+    if cfg.resume is False:
+        if found and cfg.if_exists != "overwrite":
+            raise ConfigError(f"output_dir '{out}' holds an unfinished ppo run with checkpoints up to step "
+                              f"{found[-1][0]}; nothing was changed. Pass --resume true to continue it, or "
+                              "--if_exists overwrite to start again from step 0.")
+        return None
+    if cfg.resume is True and cfg.if_exists == "overwrite":
+        raise ConfigError("keys 'resume' and 'if_exists': resume: true continues a run and if_exists: overwrite "
+                          "starts it again; choose one")
+    if not found:
+        if cfg.resume is True:
+            raise ConfigError(f"resume: no checkpoint in '{out / CHECKPOINTS}' (they are written every save_every "
+                              "steps); run without --resume to start from step 0")
+        return None
+    step, path = found[-1]
+    meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    saved, now = meta.get("config", {}), _jsonable(config_lib.to_dict(cfg))
+    differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
+              if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
+    if differ:
+        raise ConfigError(f"cannot resume from '{path}': it was trained with different settings ({'; '.join(differ)}). "
+                          "Resume with the same settings, or use another output_dir.")
+    if meta.get("world_size") != world_size:
+        raise ConfigError(f"cannot resume from '{path}': it was written by {meta.get('world_size')} process(es) and "
+                          f"this run has {world_size}; each process's batch slice and random streams depend on it, "
+                          "so launch with the same number")
+    if step >= cfg.steps:
+        raise ConfigError(f"cannot resume from '{path}': it is at step {step} and steps is {cfg.steps}; "
+                          "raise steps to train further")
+    return path, meta
+
+
+def save_checkpoint(accelerator, cfg: PPOConfig, step: int, state: dict[str, Any]) -> Path:
+    """Write ``checkpoints/step-<step>`` on every process and prune old ones.
+
+    accelerate's ``save_state`` writes the model (policy and value head), the optimizer and
+    every process's RNG states; ``state`` (step, KL controller, reward statistics, prompt
+    order, shuffle generator) goes to ``trainer_state_<rank>.pt``. The folder is written under
+    a temporary name and renamed, so a crash mid-save never leaves a checkpoint that looks whole.
+    """
+    out = Path(cfg.output_dir) / CHECKPOINTS
+    final, tmp = out / f"step-{step}", out / f".step-{step}.partial"
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp), safe_serialization=True)
+    torch.save(state, tmp / f"trainer_state_{accelerator.process_index}.pt")
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        meta = {"step": step, "world_size": accelerator.num_processes, "config": _jsonable(config_lib.to_dict(cfg))}
+        (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for _, old in list_checkpoints(Path(cfg.output_dir))[:-cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def _trim_jsonl(path: Path, last_step: int) -> list[dict]:
+    """Drop lines of ``path`` written after ``last_step`` (work lost with a killed run); return the rest."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut off by the kill
+        if row.get("step", 0) <= last_step:
+            kept.append(row)
+    path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    return kept
+
+
 def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool) -> None:
     """Write the policy's LM (LoRA merged when ``merge``) and tokenizer to ``path``, plus the
     value head as ``value_head.pt`` beside them."""
@@ -384,7 +546,12 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     """Run PPO and save the policy; returns the run's summary metrics (also in ``metrics.json``).
 
     ``reward_composer`` replaces the one built from ``cfg.rewards`` (for tests and library use).
+    With ``algo: grpo`` or ``rloo`` the run is handed to :mod:`pipeline.critic_free` (TRL's trainers).
     """
+    if cfg.algo != "ppo":
+        from pipeline import critic_free
+
+        return critic_free.main(cfg, reward_composer)
     from accelerate import Accelerator
     from tqdm.auto import tqdm
     from transformers import set_seed
@@ -397,9 +564,16 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     out = Path(cfg.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(out))
     is_main = accelerator.is_main_process
+    resume_from = checkpoint_to_resume(cfg, accelerator.num_processes)
     reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main)
     if reused is not None:
         return reused
+    if resume_from is None and is_main:
+        # a fresh start: files of an earlier attempt in this folder would mix with this run's
+        for name in ("history.jsonl", "samples.jsonl"):
+            (out / name).unlink(missing_ok=True)
+        shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
     # Data and rewards first: a missing rubric or a bad row stops the run before any model loads.
     ds = load_train_prompts(cfg)
@@ -424,7 +598,12 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     set_seed(cfg.seed + accelerator.process_index)
     shuffle = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     per_step = cfg.batch_size * accelerator.num_processes
-    batches = _prompt_batches(len(ds), per_step, cfg.seed)
+    schedule = PromptSchedule(len(ds), per_step, cfg.seed)
+    world = accelerator.num_processes
+    if world > 1 and hasattr(composer, "gather"):
+        # reward normalisation statistics over every process's responses, not just this one's
+        composer.gather = lambda a: accelerator.gather(
+            torch.as_tensor(a, dtype=torch.float64, device=accelerator.device)).cpu().numpy()
     rank_slice = slice(accelerator.process_index * cfg.batch_size, (accelerator.process_index + 1) * cfg.batch_size)
     if is_main:
         print(f"ppo: {len(ds)} training prompts, {per_step} responses per step over {accelerator.num_processes} "
@@ -433,10 +612,30 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
 
     history: list[dict[str, float]] = []
     totals = {"skipped": 0, "empty": 0, "truncated": 0, "responses": 0}
-    bar = tqdm(range(1, cfg.steps + 1), desc="ppo", disable=not is_main, dynamic_ncols=True)
+    first_step = 1
+    if resume_from is not None:
+        path, meta = resume_from
+        accelerator.load_state(str(path))
+        state = torch.load(path / f"trainer_state_{accelerator.process_index}.pt", weights_only=False)
+        kl_ctl.load_state_dict(state["kl_controller"])
+        if state.get("rewards") is not None and hasattr(composer, "load_state_dict"):
+            composer.load_state_dict(state["rewards"])
+        schedule.load_state_dict(state["prompt_schedule"])
+        shuffle.set_state(state["shuffle"])
+        totals = dict(state["totals"])
+        first_step = int(state["step"]) + 1
+        kept = _trim_jsonl(out / "history.jsonl", state["step"]) if is_main else []
+        if is_main:
+            _trim_jsonl(out / "samples.jsonl", state["step"])
+        history = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in kept]
+        if is_main:
+            print(f"ppo: resuming from {path} at step {first_step}", file=sys.stderr)
+    bar = tqdm(range(first_step, cfg.steps + 1), desc="ppo", disable=not is_main, dynamic_ncols=True,
+               initial=first_step - 1, total=cfg.steps)
     unwrapped = accelerator.unwrap_model(model)
     for step in bar:
-        rows = ds.select(next(batches)[rank_slice])
+        step_start = time.perf_counter()
+        rows = ds.select(schedule.next()[rank_slice])
         ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
 
         # Rewards: one composed score per response; NaN (no source applied) drops the row.
@@ -449,7 +648,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                                                  cfg.kl_estimator)                      # (B, T) each
         advantages, returns = ppo_math.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
         if cfg.whiten_advantages:
-            advantages = ppo_math.masked_whiten(advantages, mask)
+            all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
+            advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=all_reduce)
         loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle)
 
         # Batch statistics, summed over processes so every process updates beta the same way.
@@ -473,7 +673,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         metrics = {"step": step, "reward/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": beta,
                    "objective/rlhf_reward": mean_score - beta * mean_kl if n_scored else math.nan,
                    "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
-                   "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats}
+                   "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,
+                   "time/step_s": time.perf_counter() - step_start}
         history.append(metrics)
         bar.set_postfix(reward=f"{mean_score:.3f}", kl=f"{mean_kl:.3f}")
         if is_main:
@@ -492,9 +693,10 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                             "kl": float(seq_kl[i]),
                         }) + "\n")
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
-            accelerator.wait_for_everyone()
-            if is_main:
-                save_policy(unwrapped, tokenizer, out / "checkpoints" / f"step-{step}", merge=False)
+            save_checkpoint(accelerator, cfg, step, {
+                "step": step, "kl_controller": kl_ctl.state_dict(),
+                "rewards": composer.state_dict() if hasattr(composer, "state_dict") else None,
+                "prompt_schedule": schedule.state_dict(), "shuffle": shuffle.get_state(), "totals": dict(totals)})
     bar.close()
 
     accelerator.wait_for_everyone()

@@ -30,7 +30,7 @@ and a row with no real token (an empty response) receives no reward at all.
 from __future__ import annotations
 
 import math
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import torch
 
@@ -86,7 +86,8 @@ def masked_var(x: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> to
     return var
 
 
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) -> torch.Tensor:
+def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True,
+                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
     """Scale ``x`` to unit variance (and zero mean) using statistics of its real tokens only.
 
     Args:
@@ -95,15 +96,41 @@ def masked_whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True) 
         shift_mean: subtract the mean. With ``False`` only the scale changes and the mean
             is kept, which is how per-token rewards are whitened without changing their sign
             balance.
+        all_reduce: under several processes, a function that sums a tensor over all of
+            them; the mean and variance are then those of every process's real tokens, so
+            the result does not depend on how a batch was split.
 
     Returns ``(B, T)``; padding positions are set to 0. Uses the unbiased variance; a
     batch with one real token (variance 0) comes back as that token's centred value, 0.
     """
-    mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    if all_reduce is None:
+        mean, var = masked_mean(x, mask), masked_var(x, mask, unbiased=True)
+    else:
+        m = mask.to(x.dtype)
+        real = mask != 0
+        # Two passes, each summed over processes: the same arithmetic as masked_var.
+        total, count = all_reduce(torch.stack([torch.where(real, x, torch.zeros_like(x)).sum(), m.sum()]))
+        mean = torch.where(count > 0, total / count.clamp(min=_EPS), torch.zeros_like(total))
+        sq = all_reduce(torch.where(real, (x - mean) ** 2, torch.zeros_like(x)).sum().reshape(1))[0]
+        var = torch.where(count > 1, sq / (count - 1).clamp(min=_EPS), torch.zeros_like(sq))
     whitened = (x - mean) * torch.rsqrt(var + _EPS)
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+def masked_token_mean(x: torch.Tensor, mask: torch.Tensor, token_count: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``masked_mean(x, mask)``, or the masked sum divided by ``token_count`` when given.
+
+    Data-parallel training averages gradients over processes. Dividing each process's sum
+    by ``global_tokens / world_size`` makes that average the mean over every real token of
+    the global mini-batch, equal to one process holding the whole batch, however unevenly
+    the real tokens fall between processes.
+    """
+    if token_count is None:
+        return masked_mean(x, mask)
+    masked = torch.where(mask != 0, x * mask.to(x.dtype), torch.zeros_like(x))
+    return masked.sum() / token_count.clamp(min=_EPS)
 
 
 # --------------------------------------------------------------------------- KL and rewards
@@ -251,6 +278,7 @@ def policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_range: float,
+    token_count: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """PPO's clipped surrogate objective (Schulman et al. 2017), as a loss to minimise.
 
@@ -261,6 +289,7 @@ def policy_loss(
         advantages: ``(B, T)`` (usually whitened) advantages.
         mask: ``(B, T)``; 1 for real response tokens, 0 for padding.
         clip_range: epsilon; the ratio is clipped to ``[1 - eps, 1 + eps]``.
+        token_count: see :func:`masked_token_mean` (data-parallel runs); None = this batch's.
 
     ``pg_loss = masked_mean(max(-A * ratio, -A * clip(ratio)))``, the negated pessimistic
     (minimum) surrogate.
@@ -276,7 +305,7 @@ def policy_loss(
     ratio = torch.exp(log_ratio)
     pg_loss1 = -advantages * ratio
     pg_loss2 = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    pg_loss = masked_token_mean(torch.max(pg_loss1, pg_loss2), mask, token_count)
     with torch.no_grad():
         stats = {
             "clipfrac": masked_mean((pg_loss2 > pg_loss1).to(ratio.dtype), mask),
@@ -291,6 +320,7 @@ def value_loss(
     returns: torch.Tensor,
     mask: torch.Tensor,
     clip_range_value: float,
+    token_count: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Clipped value loss (the PPO2 baselines variant described by Huang et al.).
 
@@ -301,6 +331,7 @@ def value_loss(
         mask: ``(B, T)``; 1 for real response tokens, 0 for padding.
         clip_range_value: how far the new value may move from the old one before the
             clipped term takes over.
+        token_count: see :func:`masked_token_mean` (data-parallel runs); None = this batch's.
 
     ``vf_loss = 0.5 * masked_mean(max((V - R)^2, (V_clipped - R)^2))`` with
     ``V_clipped = V_old + clip(V - V_old, -c, c)``.
@@ -311,7 +342,7 @@ def value_loss(
     values_clipped = old_values + torch.clamp(new_values - old_values, -clip_range_value, clip_range_value)
     vf_losses1 = (new_values - returns) ** 2
     vf_losses2 = (values_clipped - returns) ** 2
-    vf_loss = 0.5 * masked_mean(torch.max(vf_losses1, vf_losses2), mask)
+    vf_loss = 0.5 * masked_token_mean(torch.max(vf_losses1, vf_losses2), mask, token_count)
     with torch.no_grad():
         stats = {"vf_clipfrac": masked_mean((vf_losses2 > vf_losses1).to(vf_losses1.dtype), mask)}
     return vf_loss, stats

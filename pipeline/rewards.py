@@ -33,7 +33,7 @@ import torch
 
 from pipeline import config as config_lib
 from pipeline.config import ConfigError, field
-from pipeline.ppo_math import RunningMoments, whiten_and_clip_scores
+from pipeline.ppo_math import RunningMoments
 from pipeline.rbrm.rubric import CATEGORY_LABELS, PROMPT_CLASSES, RubricError
 
 NORMALISE_MODES = ("none", "batch", "running")
@@ -254,8 +254,10 @@ class RewardComposer:
             finite values enter the statistics; the standard deviation is the population one.
         clip: if set, the total is clipped to ``[-clip, clip]``.
 
-    Under several processes each composer sees only its own batch: batch and running
-    statistics are then per process unless the caller passes all-gathered batches.
+    Under several processes each composer scores only its own batch. Set ``gather`` to a
+    function that concatenates an ``(N,)`` array from every process (the PPO loop sets it
+    from accelerate) and the batch and running statistics are taken over all of them, so
+    every process normalises with the same numbers.
     """
 
     def __init__(self, sources: Sequence[RewardSource], weights: Mapping[str, float] | Sequence[float] | None = None,
@@ -292,6 +294,7 @@ class RewardComposer:
             raise ValueError(f"RewardComposer: clip must be positive (or None), got {clip}")
         self.clip = clip
         self.running = {n: RunningMoments() for n, mode in self.normalise.items() if mode == "running"}
+        self.gather: Callable[[np.ndarray], np.ndarray] | None = None
 
     def _check_names(self, mapping: Mapping[str, Any], what: str) -> None:
         unknown = [k for k in mapping if k not in self.names]
@@ -320,7 +323,8 @@ class RewardComposer:
             raw = self._checked(name, source(prompts, responses, prompt_classes), n)  # (N,)
             finite = np.isfinite(raw)
             normalised = np.full(n, math.nan)
-            normalised[finite] = self._normalise(name, raw[finite], update_stats)
+            pool = raw if self.gather is None else np.asarray(self.gather(raw), dtype=np.float64)
+            normalised[finite] = self._normalise(name, raw[finite], pool[np.isfinite(pool)], update_stats)
             weighted = self.weights[name] * np.where(finite, normalised, 0.0)
             total += weighted
             applied |= finite
@@ -350,16 +354,18 @@ class RewardComposer:
             raise ValueError(f"reward source '{name}' returned {got} for a batch of {n} samples; expected shape ({n},)")
         return arr
 
-    def _normalise(self, name: str, values: np.ndarray, update_stats: bool) -> np.ndarray:
-        """``values``: (M,) the finite raw values of one source; returns (M,) normalised."""
+    def _normalise(self, name: str, values: np.ndarray, pool: np.ndarray, update_stats: bool) -> np.ndarray:
+        """``values``: (M,) the finite raw values of one source; ``pool``: the finite values the
+        statistics come from (``values`` itself, or every process's). Returns (M,) normalised."""
         mode = self.normalise[name]
         if mode == "none" or values.size == 0:
             return values
-        stats = None
         if mode == "running":
             stats = self.running[name] if update_stats else copy.deepcopy(self.running[name])
-        # batch mode: whiten_and_clip_scores with no running stats uses the batch's own moments
-        return whiten_and_clip_scores(torch.from_numpy(values), running=stats).numpy()
+        else:
+            stats = RunningMoments()  # batch mode: the moments of this batch alone
+        stats.update(torch.from_numpy(pool))
+        return (values - stats.mean) / (stats.std + 1e-8)
 
     def state_dict(self) -> dict[str, dict[str, float]]:
         """The running statistics, ``{"running": {source: {"mean", "var", "count"}}}``."""
