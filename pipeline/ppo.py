@@ -354,10 +354,10 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
                 stats.setdefault(key, []).append(float(value.detach()))
     means = {k: sum(v) / len(v) for k, v in stats.items()}
     if world > 1 and means:
-        # losses are shares of a global sum (add them up); the rest are per-process means
+        # a process's loss is its token sum over (global tokens / world): their mean is the global loss
         keys = sorted(means)
-        totals = accelerator.reduce(torch.tensor([means[k] for k in keys], device=mask.device), reduction="sum")
-        means = {k: float(v) if k.startswith("loss/") else float(v) / world for k, v in zip(keys, totals.tolist())}
+        avg = accelerator.reduce(torch.tensor([means[k] for k in keys], device=mask.device), reduction="mean")
+        means = dict(zip(keys, avg.tolist()))
     return means
 
 

@@ -79,3 +79,25 @@ def test_evaluate_splits_generation_over_two_processes(tmp_path, tiny_model_dir,
     (cache,) = (tmp_path / "gen").glob("*.jsonl")
     assert sorted(json.loads(line)["i"] for line in cache.read_text().splitlines()) == list(range(7))
     assert json.loads((tmp_path / "ev" / "run.json").read_text())["status"] == "complete"
+
+
+def test_ppo_update_is_the_same_on_one_and_two_processes(tmp_path, tiny_model_dir):
+    """Same global batch, 1 process vs 2: the losses and the updated weights agree, though
+    the two processes hold different numbers of response tokens."""
+    import torch
+
+    script = str(REPO / "tests" / "scripts" / "ppo_update_dist.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    one, two = tmp_path / "one.pt", tmp_path / "two.pt"
+    for cmd, out in (([sys.executable, script], one),
+                     ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", script], two)):
+        proc = subprocess.run([*cmd, str(tiny_model_dir), str(out)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = torch.load(one), torch.load(two)
+    assert (a["world"], b["world"]) == (1, 2)
+    for key in ("loss/policy", "loss/value", "loss/total"):
+        assert a["stats"][key] == pytest.approx(b["stats"][key], rel=1e-4, abs=1e-6), key
+    for name, w in a["weights"].items():
+        assert torch.allclose(w, b["weights"][name], rtol=1e-4, atol=1e-6), name
+    assert a["stats"]["loss/value"] > 0
