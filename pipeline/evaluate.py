@@ -12,7 +12,8 @@ incorrect-behaviour rate, Not-Unsafe / Not-Overrefuse and their F1, XSTest figur
 
 Models are ``label=model`` (``base=smollm2-135m-instruct``, ``sft=runs/sft``); prompt sets are
 mappings with ``name`` and ``path`` and optionally ``split``, ``prompt_field``,
-``class_field``, ``class_map`` (``"safe=safe,unsafe=harmful"``), ``default_class``, ``limit``,
+``class_field``, ``class_map`` (``"safe=safe,unsafe=harmful"``), ``default_class``, ``limit``
+(the first N rows), ``sample`` (N rows drawn at random with a fixed seed, file order kept),
 ``format: xstest`` (label field safe/unsafe, recorded for the XSTest figures) and
 ``optional: true`` (skip with a message when the file is absent).
 
@@ -28,6 +29,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import random
 import sys
 from pathlib import Path
 from typing import Any
@@ -41,7 +43,7 @@ from pipeline.rbrm.rubric import CATEGORY_LABELS, PROMPT_CLASSES, RubricError
 
 STAGE = "evaluate"
 SET_KEYS = {"name", "path", "split", "prompt_field", "class_field", "class_map", "default_class", "limit",
-            "format", "optional"}
+            "sample", "format", "optional"}
 XSTEST = {"class_field": "label", "class_map": "safe=safe,unsafe=harmful"}
 
 
@@ -52,7 +54,7 @@ class EvaluateConfig:
     prompt_sets: list[dict[str, str]] = field(
         [{"name": "project", "path": "data/prompts.jsonl", "split": "eval"}],
         help="prompt sets: mappings with name, path and optional split, prompt_field, class_field, class_map, "
-             "default_class, limit, format (xstest), optional")
+             "default_class, limit, sample, format (xstest), optional")
     output_dir: str = field("runs/evaluate", help="run folder: report.json, report.md, charts, responses.jsonl")
     if_exists: str = field("error", help="when output_dir holds a finished run: error | reuse | overwrite")
     max_new_tokens: int = field(128, help="longest response generated")
@@ -150,6 +152,15 @@ def load_prompt_set(entry: dict[str, str]) -> list[dict[str, Any]] | None:
                      "xstest_label": str(raw) if spec.get("format") == "xstest" else None})
         if spec.get("limit") and len(rows) >= int(spec["limit"]):
             break
+    if spec.get("sample"):
+        try:
+            n = int(spec["sample"])
+        except ValueError:
+            raise ConfigError(f"prompt_sets.{spec['name']}.sample: expected a number of rows, got '{spec['sample']}'") from None
+        if n < len(rows):
+            # the same seeded subset on every run, so cached generations and comparisons line up
+            keep = sorted(random.Random(f"{spec['name']}:{n}").sample(range(len(rows)), n))
+            rows = [rows[i] for i in keep]
     if not rows:
         raise DataError(f"{path}: no prompts in prompt set '{spec['name']}'" +
                         (f" with split '{spec['split']}'" if spec.get("split") else ""))

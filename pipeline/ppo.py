@@ -539,6 +539,39 @@ def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool)
     torch.save(policy.v_head.state_dict(), Path(path) / "value_head.pt")
 
 
+def plot_history(history: list[dict[str, float]], path: Path) -> Optional[Path]:
+    """``ppo_curves.png``: reward (total and per source), KL, and the rubric grader's category
+    rates per prompt class, against the step. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    steps = [h["step"] for h in history]
+    keys = sorted({k for h in history for k in h})
+    sources = [k for k in keys if k.startswith("reward/") and not k.endswith(("_nan", "_inf"))
+               and k not in ("reward/score", "reward/unscored")]
+    rates = [k for k in keys if k.count("/") == 2 and k.endswith("_rate")]
+    panels = [("reward", ["reward/score", *sources]), ("KL to the reference (nats per response)", ["objective/kl"])]
+    if rates:
+        panels.append(("rubric grader: share of responses per category", rates))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, series) in zip(axes[0], panels):
+        for key in series:
+            ys = [h.get(key, math.nan) for h in history]
+            ax.plot(steps, [math.nan if y is None else y for y in ys], marker=".", label=key)
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("PPO step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -723,6 +756,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         "world_size": accelerator.num_processes, "wall_time_s": timer.seconds,
     }
     if is_main:
+        plot_history(history, out / "ppo_curves.png")
         runs.finish(cfg.output_dir, STAGE, final, summary)
         print(f"ppo: done in {summary['wall_time_s']}s; reward {summary['reward_first']} -> {summary['reward_last']} "
               f"(mean of the first/last {k} steps), {summary['skipped']} response(s) skipped; model in {final}",

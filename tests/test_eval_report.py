@@ -287,3 +287,28 @@ def test_compare_nothing_shared(tmp_path):
     with pytest.raises(ValueError, match="share nothing"):
         report.compare(tmp_path / "a", tmp_path / "c")
     assert not (tmp_path / "c" / "compare_a").exists()
+
+
+def test_compare_two_models_of_one_run(tmp_path):
+    summary = before_summary("base")
+    summary["models"]["ppo"] = after_summary("ppo")["models"]["ppo"]
+    report.write_report(tmp_path / "eval", summary, META)
+    result = report.compare_models(tmp_path / "eval", "base", "ppo")
+    assert result["pairs"] == [{"model_a": "base", "model_b": "ppo"}]
+    assert find(result, "harmful", "category_rate.C")["line"] == (
+        "harmful / disallowed content (C): 31.0% -> 5.6% (-25.4 pts, -82%)")
+    assert (tmp_path / "eval" / "compare_base_ppo" / "compare.png").is_file()
+    with pytest.raises(ValueError, match="no model 'sft'; it holds base, ppo"):
+        report.compare_models(tmp_path / "eval", "base", "sft")
+
+
+def test_demo_table_lists_each_model_per_class(tmp_path):
+    from pipeline import demo
+
+    summary = before_summary("base")
+    summary["models"]["ppo"] = after_summary("ppo")["models"]["ppo"]
+    lines = demo.results_table(summary)
+    assert lines[0] == "| prompt set / class | figure | base | ppo |"
+    row = next(line for line in lines if "harmful" in line and "disallowed content (C)" in line)
+    assert row.endswith("| 31.0% | 5.6% |")
+    assert {line.split(" / ")[0] for line in lines[2:]} == {"| eval", "| xstest"}

@@ -145,3 +145,17 @@ def _save(cfg, tmp_path):
     path = tmp_path / "evaluate.yaml"
     save(cfg, path)
     return str(path)
+
+
+def test_sample_draws_a_fixed_subset_in_file_order(tmp_path):
+    rows = [{"id": f"x{i}", "prompt": f"prompt {i}", "label": "safe" if i % 2 else "unsafe"} for i in range(20)]
+    path = write_jsonl(tmp_path / "xs.jsonl", rows)
+    entry = {"name": "xs", "path": str(path), "format": "xstest", "sample": "6"}
+    first = evaluate.load_prompt_set(entry)
+    ids = [r["id"] for r in first]
+    assert len(ids) == 6 and ids == sorted(ids, key=lambda i: int(i[1:]))
+    assert [r["id"] for r in evaluate.load_prompt_set(entry)] == ids
+    assert {r["prompt_class"] for r in first} <= {"safe", "harmful"}
+    assert len(evaluate.load_prompt_set({**entry, "sample": "50"})) == 20  # more than there are: all
+    with pytest.raises(Exception, match="sample: expected a number of rows"):
+        evaluate.load_prompt_set({**entry, "sample": "many"})

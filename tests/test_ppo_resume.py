@@ -75,6 +75,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     # the adaptive KL coefficient moved, so restoring it was tested, not assumed
     assert ha[-1]["objective/kl_coef"] != ha[0]["objective/kl_coef"]
+    assert (run / "ppo_curves.png").stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["responses"] == 24
 

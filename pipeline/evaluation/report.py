@@ -528,9 +528,28 @@ def compare(run_a: Path, run_b: Path, out_dir: Path | None = None) -> dict:
             f"vs {names_b}): they need a model of the same name, or one model each, with a prompt set "
             "and figures in both")
     out_dir = Path(out_dir) if out_dir is not None else run_b / f"compare_{run_a.resolve().name}"
+    return _write_compare(str(run_a), str(run_b), pairs, rows, out_dir)
+
+
+def compare_models(run: Path, model_a: str, model_b: str, out_dir: Path | None = None) -> dict:
+    """Compare two models of one evaluation run (``base`` against ``ppo``), written like ``compare``
+    into ``out_dir`` (default ``<run>/compare_<a>_<b>``). Raises ValueError naming a missing model."""
+    run = Path(run)
+    summary = _read_report(run)["summary"]
+    models = _models(summary)
+    for name in (model_a, model_b):
+        if name not in models:
+            raise ValueError(f"{run / REPORT_FILE}: no model '{name}'; it holds {', '.join(models)}")
+    pairs, rows = compare_summaries({**summary, "models": {model_a: models[model_a]}},
+                                    {**summary, "models": {model_b: models[model_b]}})
+    out_dir = Path(out_dir) if out_dir is not None else run / f"compare_{model_a}_{model_b}"
+    return _write_compare(f"{run}:{model_a}", f"{run}:{model_b}", pairs, rows, out_dir)
+
+
+def _write_compare(name_a: str, name_b: str, pairs: list, rows: list[dict], out_dir: Path) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     files = {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "chart": out_dir / "compare.png"}
-    result = {"run_a": str(run_a), "run_b": str(run_b),
+    result = {"run_a": name_a, "run_b": name_b,
               "pairs": [{"model_a": a, "model_b": b} for a, b in pairs],
               "deltas": rows, "files": {k: str(p) for k, p in files.items()}}
     files["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
