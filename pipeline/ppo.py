@@ -670,6 +670,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         step_start = time.perf_counter()
         rows = ds.select(schedule.next()[rank_slice])
         ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
+        rollout_done = time.perf_counter()
 
         # Rewards: one composed score per response; NaN (no source applied) drops the row.
         total, info = composer(ro.prompts, ro.responses, ro.prompt_classes)
@@ -677,6 +678,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         scored = torch.isfinite(score) & ~ro.empty                                     # (B,)
         mask = ro.response_mask * scored[:, None].long()                                # (B, T)
         score = torch.where(scored, score, torch.zeros_like(score))
+        reward_done = time.perf_counter()
         rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_ctl.value,
                                                  cfg.kl_estimator)                      # (B, T) each
         advantages, returns = ppo_math.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
@@ -707,7 +709,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                    "objective/rlhf_reward": mean_score - beta * mean_kl if n_scored else math.nan,
                    "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
                    "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,
-                   "time/step_s": time.perf_counter() - step_start}
+                   "time/step_s": time.perf_counter() - step_start, "time/rollout_s": rollout_done - step_start,
+                   "time/reward_s": reward_done - rollout_done, "time/update_s": time.perf_counter() - reward_done}
         history.append(metrics)
         bar.set_postfix(reward=f"{mean_score:.3f}", kl=f"{mean_kl:.3f}")
         if is_main:

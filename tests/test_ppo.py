@@ -29,7 +29,9 @@ def _prompts_file(tmp_path, classes=("safe",), n=4):
 
 
 def _cfg(tmp_path, model, **kw):
-    base = {"model": str(model), "prompts": str(_prompts_file(tmp_path)), "output_dir": str(tmp_path / "run"),
+    if "prompts" not in kw:  # the caller's own prompts file must not be overwritten
+        kw["prompts"] = str(_prompts_file(tmp_path))
+    base = {"model": str(model), "output_dir": str(tmp_path / "run"),
             "report_to": ["none"], "steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
             "max_new_tokens": 4, "learning_rate": 1e-3, "rewards": {"contains": {"text": "a", "reward": 1}}}
     return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
