@@ -33,6 +33,8 @@ test-fast: setup
 bench: setup
 	mkdir -p runs/bench
 	$(PY) benchmarks/grader_throughput.py --json runs/bench/grader_throughput.json
+	$(PY) benchmarks/ppo_step.py --json runs/bench/ppo_step.json
+	$(PY) benchmarks/report.py runs/bench --out runs/bench/results.md
 
 clean-venv:
 	rm -rf $(VENV)
