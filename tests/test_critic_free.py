@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import write_jsonl
+from test_ppo import _prompts_file
 from pipeline import config as config_lib
 from pipeline import critic_free, ppo
 from pipeline.data import DataError
@@ -16,13 +16,6 @@ from pipeline.rewards import ContainsSource, RewardComposer, RewardSource, promp
 @pytest.fixture(autouse=True)
 def _one_thread():
     torch.set_num_threads(1)
-
-
-def _prompts_file(tmp_path, classes=("safe",), n=4):
-    rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": classes[i % len(classes)],
-             "split": "train"} for i in range(n)]
-    rows.append({"prompt": "held out", "prompt_class": classes[0], "split": "eval"})
-    return write_jsonl(tmp_path / "prompts.jsonl", rows)
 
 
 def _cfg(tmp_path, model, **kw):
