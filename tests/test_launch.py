@@ -101,3 +101,19 @@ def test_ppo_update_is_the_same_on_one_and_two_processes(tmp_path, tiny_model_di
     for name, w in a["weights"].items():
         assert torch.allclose(w, b["weights"][name], rtol=1e-4, atol=1e-6), name
     assert a["stats"]["loss/value"] > 0
+
+
+def test_ppo_runs_on_two_processes_and_checkpoints_each_rank(tmp_path, tiny_model_dir):
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(8)])
+    rewards = json.dumps({"contains": {"text": "a", "reward": 1, "normalise": "running"}})
+    _launch(["-m", "pipeline.ppo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--output_dir", "run",
+             "--steps", "2", "--batch_size", "2", "--mini_batch_size", "1", "--max_new_tokens", "4",
+             "--save_every", "1", "--report_to", "none", "--rewards", rewards], tmp_path)
+    run = tmp_path / "run"
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["responses"] == 8 and metrics["steps"] == 2
+    ckpt = run / "checkpoints" / "step-1"
+    assert (ckpt / "trainer_state_0.pt").is_file() and (ckpt / "trainer_state_1.pt").is_file()
+    assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
+    assert (run / "model" / "config.json").is_file()

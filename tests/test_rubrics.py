@@ -113,7 +113,11 @@ def test_shipped_rubrics_are_valid_and_cover_every_class():
     for r in rubrics.values():
         for cls in r.applies_to:
             table = r.rewards[cls]
-            assert table["C"] == min(table.values()), (r.id, cls)  # disallowed content is always worst
+            if cls == "safe":
+                # refusing a safe prompt must never pay better than answering it, however the answer is graded
+                assert max(table["A"], table["B"]) < min(table["C"], table["D"]), (r.id, cls)
+            else:
+                assert table["C"] == min(table.values()), (r.id, cls)  # disallowed content is worst
         if "harmful" in r.applies_to:
             assert max(r.rewards["harmful"], key=r.rewards["harmful"].get) == "A"
         if "safe" in r.applies_to:
