@@ -23,6 +23,7 @@ from pathlib import Path
 from pipeline import config as config_lib
 from pipeline.config import ConfigError
 from pipeline.data import DataError
+from pipeline.evaluation.report import _get
 from pipeline.models import DEFAULT_MODEL, ModelError, fetch
 from pipeline.rbrm.rubric import RubricError
 
@@ -42,9 +43,7 @@ def _class_block(summary: dict, model: str, prompt_set: str, cls: str) -> dict:
 
 
 def _figure(block: dict, key: str) -> float | None:
-    node = block
-    for part in key.split("."):
-        node = node.get(part) if isinstance(node, dict) else None
+    node = _get(block, key)
     return node.get("value") if isinstance(node, dict) else None
 
 

@@ -657,12 +657,12 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         shuffle.set_state(state["shuffle"])
         totals = dict(state["totals"])
         first_step = int(state["step"]) + 1
-        kept = _trim_jsonl(out / "history.jsonl", state["step"]) if is_main else []
+        kept = []
         if is_main:
+            kept = _trim_jsonl(out / "history.jsonl", state["step"])
             _trim_jsonl(out / "samples.jsonl", state["step"])
-        history = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in kept]
-        if is_main:
             print(f"ppo: resuming from {path} at step {first_step}", file=sys.stderr)
+        history = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in kept]
     bar = tqdm(range(first_step, cfg.steps + 1), desc="ppo", disable=not is_main, dynamic_ncols=True,
                initial=first_step - 1, total=cfg.steps)
     unwrapped = accelerator.unwrap_model(model)

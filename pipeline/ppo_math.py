@@ -473,21 +473,24 @@ class RunningMoments:
 
 
 def whiten_and_clip_scores(
-    scores: torch.Tensor, clip: Optional[float] = None, running: Optional[RunningMoments] = None
+    scores: torch.Tensor, clip: Optional[float] = None, running: Optional[RunningMoments] = None,
+    pool: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Normalise sequence scores to zero mean and unit spread, optionally clipping them.
 
     Args:
         scores: ``(B,)`` one score per response.
         clip: if set, normalised scores are clipped to ``[-clip, clip]``.
-        running: statistics kept across batches. It is updated with ``scores`` first, then
-            used, so the current batch counts. Without it, the batch's own mean and
+        running: statistics kept across batches. It is updated with ``pool`` first, then
+            used, so the current batch counts. Without it, the pool's own mean and
             standard deviation are used (a batch of one then normalises to 0).
+        pool: the values the statistics are taken from; default ``scores``. Under several
+            processes pass every process's scores, so all normalise with the same numbers.
 
     Returns ``(B,)`` ``(scores - mean) / (std + 1e-8)``, clipped when asked.
     """
     stats = running if running is not None else RunningMoments()
-    stats.update(scores)
+    stats.update(scores if pool is None else pool)
     normalised = (scores - stats.mean) / (stats.std + _EPS)
     if clip is not None:
         normalised = torch.clamp(normalised, -clip, clip)

@@ -33,7 +33,7 @@ import torch
 
 from pipeline import config as config_lib
 from pipeline.config import ConfigError, field
-from pipeline.ppo_math import RunningMoments
+from pipeline.ppo_math import RunningMoments, whiten_and_clip_scores
 from pipeline.rbrm.rubric import CATEGORY_LABELS, PROMPT_CLASSES, RubricError
 
 NORMALISE_MODES = ("none", "batch", "running")
@@ -360,12 +360,10 @@ class RewardComposer:
         mode = self.normalise[name]
         if mode == "none" or values.size == 0:
             return values
+        stats = None  # batch mode: the moments of this pool alone
         if mode == "running":
             stats = self.running[name] if update_stats else copy.deepcopy(self.running[name])
-        else:
-            stats = RunningMoments()  # batch mode: the moments of this batch alone
-        stats.update(torch.from_numpy(pool))
-        return (values - stats.mean) / (stats.std + 1e-8)
+        return whiten_and_clip_scores(torch.from_numpy(values), running=stats, pool=torch.from_numpy(pool)).numpy()
 
     def state_dict(self) -> dict[str, dict[str, float]]:
         """The running statistics, ``{"running": {source: {"mean", "var", "count"}}}``."""
