@@ -10,6 +10,9 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_INDEX ?=
 STAMP := $(VENV)/.installed
 PYTEST_ARGS ?=
+# make bench sizes: ratios are measured within one run, so small samples keep it to ~15 min on 2 cores
+BENCH_GRADER_N ?= 32
+BENCH_PPO_STEPS ?= 4
 
 .PHONY: setup demo test test-fast bench clean-venv
 
@@ -32,8 +35,8 @@ test-fast: setup
 
 bench: setup
 	mkdir -p runs/bench
-	$(PY) benchmarks/grader_throughput.py --json runs/bench/grader_throughput.json
-	$(PY) benchmarks/ppo_step.py --json runs/bench/ppo_step.json
+	$(PY) benchmarks/grader_throughput.py --n $(BENCH_GRADER_N) --json runs/bench/grader_throughput.json
+	$(PY) benchmarks/ppo_step.py --steps $(BENCH_PPO_STEPS) --json runs/bench/ppo_step.json
 	$(PY) benchmarks/report.py runs/bench --out runs/bench/results.md
 
 clean-venv:
