@@ -244,7 +244,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     is_main = state.is_main_process
     check_config(cfg, state.num_processes)
     timer = Timer()
-    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main)
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main, state.wait_for_everyone)
     if reused is not None:
         return reused
     out = Path(cfg.output_dir)

@@ -274,7 +274,8 @@ def main(cfg: EvaluateConfig) -> dict:
     cfg.validate()
     state = process_state()
     timer = Timer()
-    if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process):
+    if runs.prepare(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main=state.is_main_process,
+                    barrier=state.wait_for_everyone):
         if state.is_main_process:
             print(f"{STAGE}: reusing the finished run in {cfg.output_dir}", file=sys.stderr)
         return json.loads((Path(cfg.output_dir) / "report.json").read_text())

@@ -598,7 +598,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(out))
     is_main = accelerator.is_main_process
     resume_from = checkpoint_to_resume(cfg, accelerator.num_processes)
-    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main)
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main, accelerator.wait_for_everyone)
     if reused is not None:
         return reused
     if resume_from is None and is_main:

@@ -22,7 +22,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from pipeline import config as config_lib
 
@@ -46,10 +46,14 @@ def is_complete(output_dir: str | os.PathLike, stage: str | None = None) -> bool
     return bool(info and info.get("status") == "complete" and (stage is None or info.get("stage") == stage))
 
 
-def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool = True) -> bool:
+def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool = True,
+            barrier: Callable[[], None] | None = None) -> bool:
     """Check ``output_dir`` before a run; return True when a finished run can be reused.
 
     Raises ConfigError (one clear line) when the folder holds something we must not touch.
+    Under several processes pass ``barrier`` (e.g. ``accelerator.wait_for_everyone``): every
+    process checks the folder as it was, then the main process starts the run in it. Without
+    it a slower process could find the main process's half-written folder and refuse it.
     """
     out = Path(output_dir)
     info = read_run(out)
@@ -73,12 +77,16 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
                 raise config_lib.ConfigError(
                     f"output_dir '{out}' holds a finished {stage} run with different settings "
                     f"({', '.join(differ)}); nothing was changed. Use if_exists: overwrite or another folder.")
+            if barrier is not None:
+                barrier()
             return True
         if if_exists != "overwrite":
             raise config_lib.ConfigError(
                 f"output_dir '{out}' already holds a finished {stage} run; nothing was changed. "
                 "Set if_exists: reuse to keep it, if_exists: overwrite to train again, or choose another folder.")
     # an unfinished run of the same stage (status running) is simply started again
+    if barrier is not None:
+        barrier()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, out / "config.yaml")
@@ -116,9 +124,10 @@ def staging_dir(output_dir: str | os.PathLike, name: str = MODEL_DIR) -> Path:
     return path
 
 
-def start(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool) -> dict | None:
+def start(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool,
+          barrier: Callable[[], None] | None = None) -> dict | None:
     """``prepare`` for a stage's main(): the saved metrics when a finished run is reused, else None."""
-    if not prepare(output_dir, stage, cfg, if_exists, is_main=is_main):
+    if not prepare(output_dir, stage, cfg, if_exists, is_main=is_main, barrier=barrier):
         return None
     if is_main:
         print(f"{stage}: reusing the finished run in {output_dir}", file=sys.stderr)

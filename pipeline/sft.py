@@ -102,7 +102,7 @@ def main(cfg: SFTStageConfig) -> dict:
 
     state = process_state()
     timer = Timer()
-    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process)
+    reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, state.is_main_process, state.wait_for_everyone)
     if reused is not None:
         return reused
     train_ds = load_sft(cfg.data, cfg.fields)
