@@ -11,11 +11,14 @@ A stage's ``output_dir`` holds::
 ``model/`` is written under a temporary name and renamed into place, then ``run.json`` is
 marked complete, so an interrupted run never leaves a folder that looks like a finished one.
 A folder we did not create is never written into, and an existing finished run is only
-replaced when the user says ``if_exists: overwrite``.
+replaced when the user says ``if_exists: overwrite``. ``run.json`` also records a fingerprint of
+every local file and folder the config names, so ``if_exists: reuse`` notices edited data,
+rubrics or a retrained upstream run, not only changed settings.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -29,6 +32,57 @@ from pipeline import config as config_lib
 RUN_FILE = "run.json"
 MODEL_DIR = "model"
 IF_EXISTS = ("error", "reuse", "overwrite")
+# config keys that name what a run writes or keeps between runs, not what it reads (and any
+# key with "cache" in its name)
+NOT_INPUTS = frozenset({"output_dir", "logging_dir"})
+HASH_LIMIT = 64 << 20  # bytes: larger files and folders (model weights) are not fingerprinted
+
+
+def _path_values(value: Any, key: str = ""):
+    if key in NOT_INPUTS or "cache" in key:
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            yield from _path_values(v, str(k))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _path_values(v, key)
+    elif isinstance(value, str) and value:
+        yield value
+        if "=" in value:  # "name=path", as in evaluate's model list
+            yield value.split("=", 1)[1]
+
+
+def _fingerprint(path: Path) -> str | None:
+    if (path / RUN_FILE).is_file():  # an upstream run: it changes when that run is redone
+        return hashlib.sha256((path / RUN_FILE).read_bytes()).hexdigest()[:16]
+    files = sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path]
+    if sum(f.stat().st_size for f in files) > HASH_LIMIT:
+        return None
+    digest = hashlib.sha256()
+    for f in files:
+        digest.update(str(f.relative_to(path) if path.is_dir() else f.name).encode() + b"\0")
+        digest.update(f.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def input_fingerprints(cfg: Any) -> dict[str, str]:
+    """A short content hash of each local file or folder (up to 64 MiB) that ``cfg`` names.
+
+    Written here rather than found in a library: what counts as an input is this project's
+    config layout, and hashing a few data files needs nothing more than hashlib.
+    """
+    data = config_lib.to_dict(cfg)
+    own = Path(data.get("output_dir") or "").resolve()
+    found: dict[str, str] = {}
+    for value in _path_values(data):
+        path = Path(value)
+        if value in found or not path.exists() or path.resolve() == own:
+            continue
+        fingerprint = _fingerprint(path)
+        if fingerprint is not None:
+            found[value] = fingerprint
+    return found
 
 
 def read_run(output_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -77,6 +131,14 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
                 raise config_lib.ConfigError(
                     f"output_dir '{out}' holds a finished {stage} run with different settings "
                     f"({', '.join(differ)}); nothing was changed. Use if_exists: overwrite or another folder.")
+            saved_inputs = info.get("inputs") or {}
+            current_inputs = input_fingerprints(cfg)
+            changed = sorted(k for k in saved_inputs if k in current_inputs and saved_inputs[k] != current_inputs[k])
+            if changed:
+                raise config_lib.ConfigError(
+                    f"output_dir '{out}' holds a finished {stage} run made from other contents of "
+                    f"{', '.join(changed)} (edited, or that run was redone since); nothing was changed. "
+                    "Use if_exists: overwrite to train on what is there now, or another folder.")
             if barrier is not None:
                 barrier()
             return True
@@ -90,7 +152,7 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, out / "config.yaml")
-        write_run(out, stage, status="running", started_at=time.time())
+        write_run(out, stage, status="running", started_at=time.time(), inputs=input_fingerprints(cfg))
     return False
 
 

@@ -52,3 +52,34 @@ def test_publish_replaces_in_one_rename(tmp_path):
     runs.publish_dir(staging, final)
     assert [p.name for p in final.iterdir()] == ["new"]
     assert not staging.exists() and not (tmp_path / "model.previous").exists()
+
+
+def test_reuse_notices_edited_data_and_a_redone_upstream_run(tmp_path):
+    data = tmp_path / "sft.jsonl"
+    data.write_text('{"prompt": "a", "response": "b"}\n')
+    upstream = tmp_path / "base_run"
+    upstream.mkdir()
+    runs.write_run(upstream, "sft", status="complete", finished_at=1)
+    cfg = _cfg(tmp_path, data=str(data), model=str(upstream))
+    out = tmp_path / "out"
+    runs.prepare(out, "sft", cfg, "error")
+    runs.write_run(out, "sft", status="complete")
+    assert runs.prepare(out, "sft", cfg, "reuse") is True
+
+    data.write_text('{"prompt": "a", "response": "c"}\n')
+    with pytest.raises(ConfigError, match=rf"other contents of {data}.*nothing was changed"):
+        runs.prepare(out, "sft", cfg, "reuse")
+    assert runs.is_complete(out)  # the refused run is left as it was
+
+    runs.prepare(out, "sft", cfg, "overwrite")
+    runs.write_run(out, "sft", status="complete")
+    runs.write_run(upstream, "sft", status="complete", finished_at=2)  # the base run was redone
+    with pytest.raises(ConfigError, match=rf"other contents of {upstream}"):
+        runs.prepare(out, "sft", cfg, "reuse")
+
+
+def test_fingerprints_skip_what_a_run_writes(tmp_path):
+    cfg = _cfg(tmp_path, data=str(tmp_path / "missing.jsonl"))
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "x").write_text("1")
+    assert runs.input_fingerprints(cfg) == {}
