@@ -86,6 +86,7 @@ def worker_ours(spec: dict) -> dict:
         "max_prompt_length": spec["max_prompt_length"], "temperature": spec["temperature"],
         "kl_coef": spec["kl_coef"], "learning_rate": spec["learning_rate"], "lora": spec["lora"],
         "lora_r": spec["lora_r"], "lora_alpha": spec["lora_alpha"], "rewards": rewards, "seed": spec["seed"],
+        "bf16": False,  # TRL's side runs in fp32 too
         "report_to": ["none"], "sample_every": 1,  # samples.jsonl records each step's prompts for the TRL side
     }, source="benchmarks/ppo_step.py")
 

@@ -33,6 +33,7 @@ Launch::
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import json
@@ -43,7 +44,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ from pipeline.config import ConfigError, field
 from pipeline.data import DataError
 from pipeline.models import ModelError
 from pipeline.rbrm.rubric import RubricError
-from pipeline.training import Timer
+from pipeline.training import Timer, bf16_available
 
 STAGE = "ppo"
 CRITICS = ("value_head",)
@@ -98,6 +99,8 @@ class PPOConfig:
     vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
     whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
+    bf16: Optional[bool] = field(None, help="bf16 autocast in rollouts and updates (weights and optimizer stay fp32); "
+                                            "null = on where the hardware does bf16 fast (AMX CPU, bf16 GPU)")
     lora: bool = field(False, help="train LoRA adapters; the reference is then the policy with adapters off")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r)")
@@ -311,8 +314,11 @@ def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer,
 
 
 def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
-               returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator) -> dict[str, float]:
+               returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator,
+               amp: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped PPO over shuffled mini-batches of one rollout.
+
+    ``amp`` makes the context the forward passes run in (bf16 autocast, or none).
 
     ``mask`` ``(B, T)`` is the response mask with unscored rows zeroed; ``advantages`` and
     ``returns`` are ``(B, T)``. Returns the mean of each loss statistic over the updates.
@@ -336,8 +342,9 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
             if float(tokens) == 0:
                 continue  # no scored token on any process: nothing to learn (the same choice everywhere)
             token_count = tokens / world
-            new_logprobs, new_values = response_forward(model, ro.query_ids[idx], ro.query_mask[idx],
-                                                        ro.response_ids[idx], ro.response_mask[idx], cfg.temperature)
+            with amp():
+                new_logprobs, new_values = response_forward(model, ro.query_ids[idx], ro.query_mask[idx],
+                                                            ro.response_ids[idx], ro.response_mask[idx], cfg.temperature)
             pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], mb_mask,
                                                      cfg.clip_range, token_count)
             vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx], returns[idx], mb_mask,
@@ -596,6 +603,13 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     trackers = [r for r in cfg.report_to if r != "none"]
     out = Path(cfg.output_dir)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(out))
+    # Our own autocast rather than Accelerator(mixed_precision=...): accelerate's state is one per
+    # process, so a second run in the same process (the demo, tests) could not change it.
+    bf16 = bf16_available() if cfg.bf16 is None else cfg.bf16
+
+    def amp():
+        return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)
+
     is_main = accelerator.is_main_process
     resume_from = checkpoint_to_resume(cfg, accelerator.num_processes)
     reused = runs.start(cfg.output_dir, STAGE, cfg, cfg.if_exists, is_main, accelerator.wait_for_everyone)
@@ -669,7 +683,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     for step in bar:
         step_start = time.perf_counter()
         rows = ds.select(schedule.next()[rank_slice])
-        ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
+        with amp():
+            ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
         rollout_done = time.perf_counter()
 
         # Rewards: one composed score per response; NaN (no source applied) drops the row.
@@ -685,7 +700,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         if cfg.whiten_advantages:
             all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
             advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=all_reduce)
-        loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle)
+        loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle, amp)
 
         # Batch statistics, summed over processes so every process updates beta the same way.
         seq_kl = kl.sum(1)                                                              # (B,)

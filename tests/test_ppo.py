@@ -192,3 +192,27 @@ def test_missing_rubric_for_a_prompt_class_is_one_clear_line(tmp_path, tiny_mode
     assert len(lines) == 1, err
     assert "'safe'" in lines[0] and "rbrm" in lines[0] and "harmful" in lines[0]
     assert not (tmp_path / "run" / "model").exists()
+
+
+def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir, monkeypatch):
+    seen = []
+    real_rollout = ppo.rollout
+
+    def recording_rollout(*args, **kwargs):
+        seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        return real_rollout(*args, **kwargs)
+
+    monkeypatch.setattr(ppo, "rollout", recording_rollout)
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, bf16=True))
+    assert seen == [True, True]
+    assert math.isfinite(summary["kl_last"])
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    assert all(math.isfinite(h["policy/approx_kl"]) and h["policy/approx_kl"] < 0.5 for h in history)
+    from safetensors.torch import load_file
+
+    saved = load_file(str(tmp_path / "run" / "model" / "model.safetensors"))  # as written, not as loaded
+    assert saved and all(t.dtype == torch.float32 for t in saved.values())
+
+    seen.clear()
+    ppo.main(_cfg(tmp_path, tiny_model_dir, bf16=False, output_dir=str(tmp_path / "fp32")))
+    assert seen == [False, False]
