@@ -183,7 +183,7 @@ class PolicyWithValueHead(nn.Module):
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       output_hidden_states=True, use_cache=False)
         hidden = out.hidden_states[-1]                                  # (B, L, H)
-        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1)  # (B, L)
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()  # (B, L); fp32 under autocast too
         return out.logits, values
 
 

@@ -195,16 +195,19 @@ def test_missing_rubric_for_a_prompt_class_is_one_clear_line(tmp_path, tiny_mode
 
 
 def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir, monkeypatch):
-    seen = []
+    seen, dtypes = [], set()
     real_rollout = ppo.rollout
 
     def recording_rollout(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        return real_rollout(*args, **kwargs)
+        ro = real_rollout(*args, **kwargs)
+        dtypes.add((ro.logprobs.dtype, ro.ref_logprobs.dtype, ro.values.dtype))
+        return ro
 
     monkeypatch.setattr(ppo, "rollout", recording_rollout)
     summary = ppo.main(_cfg(tmp_path, tiny_model_dir, bf16=True))
     assert seen == [True, True]
+    assert dtypes == {(torch.float32,) * 3}  # PPO's arithmetic stays in fp32
     assert math.isfinite(summary["kl_last"])
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
     assert all(math.isfinite(h["policy/approx_kl"]) and h["policy/approx_kl"] < 0.5 for h in history)
