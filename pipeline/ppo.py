@@ -55,7 +55,7 @@ from pipeline.config import ConfigError, field
 from pipeline.data import DataError
 from pipeline.models import ModelError
 from pipeline.rbrm.rubric import RubricError
-from pipeline.training import Timer, bf16_available
+from pipeline.training import Timer, use_bf16
 
 STAGE = "ppo"
 CRITICS = ("value_head",)
@@ -605,7 +605,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), log_with=trackers or None, project_dir=str(out))
     # Our own autocast rather than Accelerator(mixed_precision=...): accelerate's state is one per
     # process, so a second run in the same process (the demo, tests) could not change it.
-    bf16 = bf16_available() if cfg.bf16 is None else cfg.bf16
+    bf16 = use_bf16(cfg.bf16)
 
     def amp():
         return torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=bf16)

@@ -101,7 +101,7 @@ def is_complete(output_dir: str | os.PathLike, stage: str | None = None) -> bool
 
 
 def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool = True,
-            barrier: Callable[[], None] | None = None) -> bool:
+            barrier: Callable[[], None] = lambda: None) -> bool:
     """Check ``output_dir`` before a run; return True when a finished run can be reused.
 
     Raises ConfigError (one clear line) when the folder holds something we must not touch.
@@ -139,16 +139,14 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
                     f"output_dir '{out}' holds a finished {stage} run made from other contents of "
                     f"{', '.join(changed)} (edited, or that run was redone since); nothing was changed. "
                     "Use if_exists: overwrite to train on what is there now, or another folder.")
-            if barrier is not None:
-                barrier()
+            barrier()
             return True
         if if_exists != "overwrite":
             raise config_lib.ConfigError(
                 f"output_dir '{out}' already holds a finished {stage} run; nothing was changed. "
                 "Set if_exists: reuse to keep it, if_exists: overwrite to train again, or choose another folder.")
     # an unfinished run of the same stage (status running) is simply started again
-    if barrier is not None:
-        barrier()
+    barrier()
     if is_main:
         out.mkdir(parents=True, exist_ok=True)
         config_lib.save(cfg, out / "config.yaml")
@@ -187,7 +185,7 @@ def staging_dir(output_dir: str | os.PathLike, name: str = MODEL_DIR) -> Path:
 
 
 def start(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str, is_main: bool,
-          barrier: Callable[[], None] | None = None) -> dict | None:
+          barrier: Callable[[], None] = lambda: None) -> dict | None:
     """``prepare`` for a stage's main(): the saved metrics when a finished run is reused, else None."""
     if not prepare(output_dir, stage, cfg, if_exists, is_main=is_main, barrier=barrier):
         return None

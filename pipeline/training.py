@@ -88,6 +88,11 @@ def bf16_available() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
+def use_bf16(setting: Optional[bool]) -> bool:
+    """A stage's ``bf16`` key: null means "where the hardware does it fast"."""
+    return bf16_available() if setting is None else bool(setting)
+
+
 def trainer_kwargs(cfg: TrainStageConfig) -> dict[str, Any]:
     """The transformers/TRL TrainingArguments fields every stage sets the same way."""
     import torch
@@ -95,7 +100,7 @@ def trainer_kwargs(cfg: TrainStageConfig) -> dict[str, Any]:
     out = Path(cfg.output_dir)
     # TensorBoard event files go to <run>/logs instead of the trainer's dated default.
     os.environ["TENSORBOARD_LOGGING_DIR"] = str(out / "logs")
-    bf16 = bf16_available() if cfg.bf16 is None else cfg.bf16
+    bf16 = use_bf16(cfg.bf16)
     report_to = [r for r in cfg.report_to if r != "none"] or "none"
     return dict(
         output_dir=str(out / "checkpoints"),
