@@ -39,11 +39,13 @@ def refusal_token_ids(tokenizer, replies: Sequence[str]) -> list[int]:
 
 
 def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
-    """Probability that a random positive scores above a random negative (ties count half)."""
+    """Probability that a random positive scores above a random negative (ties count half);
+    NaN when either side is empty."""
+    from sklearn.metrics import roc_auc_score
+
     if not positives or not negatives:
         return float("nan")
-    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
-    return wins / (len(positives) * len(negatives))
+    return float(roc_auc_score([1] * len(positives) + [0] * len(negatives), list(positives) + list(negatives)))
 
 
 def first_token_stats(model, tokenizer, prompts: Sequence[str], refusal_ids: Sequence[int],
