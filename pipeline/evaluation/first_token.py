@@ -55,22 +55,18 @@ def first_token_stats(model, tokenizer, prompts: Sequence[str], refusal_ids: Seq
     import torch
 
     ids = torch.tensor(list(refusal_ids), dtype=torch.long)
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
     out = []
-    try:
-        for start in range(0, len(prompts), batch_size):
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                                   add_generation_prompt=True)
-                     for p in prompts[start:start + batch_size]]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            with torch.no_grad():
-                logits = model(**enc).logits[:, -1].float()                  # (B, V), last = next token
-            probs = torch.softmax(logits, dim=-1)
-            p_refuse = probs[:, ids].sum(-1)                                 # (B,)
-            greedy = torch.isin(probs.argmax(-1), ids)                       # (B,)
-            out += [{"p_refuse": float(p), "greedy_refuses": bool(g)} for p, g in zip(p_refuse, greedy)]
-    finally:
-        tokenizer.padding_side = side
+    for start in range(0, len(prompts), batch_size):
+        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                               add_generation_prompt=True)
+                 for p in prompts[start:start + batch_size]]
+        enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
+        with torch.no_grad():
+            logits = model(**enc).logits[:, -1].float()                      # (B, V), last = next token
+        probs = torch.softmax(logits, dim=-1)
+        p_refuse = probs[:, ids].sum(-1)                                     # (B,)
+        greedy = torch.isin(probs.argmax(-1), ids)                           # (B,)
+        out += [{"p_refuse": float(p), "greedy_refuses": bool(g)} for p, g in zip(p_refuse, greedy)]
     return out
 
 
