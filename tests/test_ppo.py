@@ -48,6 +48,34 @@ def test_response_mask_covers_up_to_eos_and_flags_truncation():
     assert truncated.tolist() == [False, False, True, False]
 
 
+def test_prompt_schedule_visits_every_row_once_per_epoch():
+    sched = ppo.PromptSchedule(10, 4, seed=1)
+    seen = [i for _ in range(5) for i in sched.next()]        # 20 rows = two epochs
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+
+
+def test_stratified_schedule_keeps_each_batch_near_the_class_mix():
+    # 40% harmful, 40% safe, 20% sensitive: every batch of 10 holds 4, 4 and 2, give or take one
+    groups = ["harmful"] * 40 + ["safe"] * 40 + ["sensitive"] * 20
+    sched = ppo.PromptSchedule(100, 10, seed=0, groups=groups)
+    worst = {"plain": 0, "stratified": 0}
+    plain = ppo.PromptSchedule(100, 10, seed=0)
+    for _ in range(30):
+        for name, s in (("stratified", sched), ("plain", plain)):
+            batch = [groups[i] for i in s.next()]
+            for cls, share in (("harmful", 0.4), ("safe", 0.4), ("sensitive", 0.2)):
+                worst[name] = max(worst[name], abs(batch.count(cls) - 10 * share))
+    assert worst["stratified"] <= 1 < worst["plain"]
+    # still one visit per row per epoch, and resumable from its state
+    a = ppo.PromptSchedule(100, 10, seed=3, groups=groups)
+    epoch = [i for _ in range(10) for i in a.next()]
+    assert sorted(epoch) == list(range(100))
+    state = a.state_dict()
+    b = ppo.PromptSchedule(100, 10, seed=99, groups=groups)
+    b.load_state_dict(state)
+    assert a.next() == b.next()
+
+
 def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir):
     with pytest.raises(config_lib.ConfigError, match="mini_batch_size must divide batch_size"):
         _cfg(tmp_path, tiny_model_dir, batch_size=4, mini_batch_size=3)
