@@ -381,9 +381,10 @@ class PromptSchedule:
 
     With ``groups`` (a label per row, the prompt class) each epoch is stratified: every class's
     rows are shuffled and spread evenly through the epoch, so each batch holds the classes in
-    about their proportion in the data. With 8 responses a step, plain shuffling gave batches
-    of 6 harmful prompts and 1 safe one, and steps like that move the policy's overall
-    readiness to refuse up or down with the draw instead of with the reward.
+    about their proportion in the data. With 8 responses a step, plain shuffling of the demo's
+    training prompts drew batches of 6 harmful and 1 safe prompt, and of 1 harmful and 7 safe
+    (stratified: 2-4 of each); steps like that move the policy's overall readiness to refuse
+    up or down with the draw instead of with the reward.
 
     Every process holds the same schedule (same seed) and takes its slice of each batch.
     """
