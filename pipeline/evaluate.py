@@ -206,7 +206,7 @@ def generate(model_path: str, prompts: list[str], todo: list[int], cfg: Evaluate
     from tqdm.auto import tqdm
     from transformers import set_seed
 
-    from pipeline.models import load_causal_lm, load_tokenizer
+    from pipeline.models import load_causal_lm, load_tokenizer, user_turn_text
 
     if not todo:
         return
@@ -215,8 +215,7 @@ def generate(model_path: str, prompts: list[str], todo: list[int], cfg: Evaluate
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = getattr(torch, cfg.dtype) if cfg.dtype else None
     model = load_causal_lm(model_path, tokenizer=tok, dtype=dtype).to(device).eval()
-    texts = {i: tok.apply_chat_template([{"role": "user", "content": prompts[i]}], tokenize=False,
-                                        add_generation_prompt=True) for i in todo}
+    texts = {i: user_turn_text(tok, prompts[i]) for i in todo}
     order = sorted(todo, key=lambda i: -len(texts[i]))
     eos = model.generation_config.eos_token_id
     eos_ids = set(eos if isinstance(eos, list) else [eos]) | {tok.eos_token_id}

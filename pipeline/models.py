@@ -223,6 +223,16 @@ def resolve_model(name: str, cache: str | os.PathLike | None = None) -> str:
     )
 
 
+def user_turn_text(tokenizer, prompt: str) -> str:
+    """``prompt`` as a single user turn in the model's chat template, ready for the reply.
+
+    Evaluation, PPO rollouts and the first-token report all render prompts here, so the
+    first-token figures describe exactly the text that generation continues.
+    """
+    return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                         add_generation_prompt=True)
+
+
 def load_tokenizer(name_or_path: str):
     """Load a tokenizer (distinct pad token, left-truncation off) from a resolved path or hub id."""
     from transformers import AutoTokenizer

@@ -53,7 +53,7 @@ from pipeline import config as config_lib
 from pipeline import ppo_math, runs
 from pipeline.config import ConfigError, field
 from pipeline.data import DataError
-from pipeline.models import ModelError
+from pipeline.models import ModelError, user_turn_text
 from pipeline.rbrm.rubric import RubricError
 from pipeline.training import Timer, use_bf16
 
@@ -283,8 +283,7 @@ def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer,
     (generation prompt added) and left-padded so every row's response starts at column P.
     """
     device = next(policy.parameters()).device
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in prompts]
+    texts = [user_turn_text(tokenizer, p) for p in prompts]
     enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
                     max_length=cfg.max_prompt_length, add_special_tokens=False, return_tensors="pt").to(device)
     query_ids, query_mask = enc["input_ids"], enc["attention_mask"]     # (B, P)
@@ -393,21 +392,22 @@ class PromptSchedule:
         if groups is not None and len(groups) != n_rows:
             raise ValueError(f"groups has {len(groups)} labels for {n_rows} rows")
         self.n_rows, self.per_step = n_rows, per_step
-        self.groups = list(groups) if groups is not None else None
+        self.members: Optional[dict[Any, list[int]]] = None     # class -> its rows, in row order
+        if groups is not None:
+            self.members = {}
+            for i, g in enumerate(groups):
+                self.members.setdefault(g, []).append(i)
         self.rng = random.Random(seed)
         self.order: list[int] = []
 
     def _epoch(self) -> list[int]:
-        if self.groups is None:
+        if self.members is None:
             epoch = list(range(self.n_rows))
             self.rng.shuffle(epoch)
             return epoch
-        members: dict[Any, list[int]] = {}
-        for i, g in enumerate(self.groups):
-            members.setdefault(g, []).append(i)
         keyed = []
-        for g in sorted(members, key=str):
-            rows = members[g]
+        for g in sorted(self.members, key=str):
+            rows = list(self.members[g])
             self.rng.shuffle(rows)
             # the k-th of n rows of a class lands at a random point of the k-th n-th of the epoch
             keyed += [((k + self.rng.random()) / len(rows), i) for k, i in enumerate(rows)]

@@ -3,9 +3,10 @@
 Greedy decoding refuses whenever a refusal's opening token is the single most likely first
 token. Answers to a safe question open in many ways ("The", "Use", "Start", ...) and split
 their probability between them, while refusals open one way ("I'm sorry", "Sorry"), so a
-refusal can win with a small share of the probability: a fine-tuned SmolLM2-135M refused 20% of
-the project's safe prompts while giving refusing a mean probability of 4%. Two separate things decide the
-greedy refusal rate, and this report measures both per model and prompt class:
+refusal can win with a small share of the probability: a fine-tuned SmolLM2-135M refused 20%
+of the project's safe prompts while giving refusing a mean probability of 4%. Two separate
+things decide the greedy refusal rate, and this report measures both per model and prompt
+class:
 
 - how much probability goes to refusing at all (``p_refuse``, the mean over prompts);
 - whether that probability is higher on harmful than on safe prompts: the ROC AUC of
@@ -54,12 +55,12 @@ def first_token_stats(model, tokenizer, prompts: Sequence[str], refusal_ids: Seq
     ``greedy_refuses`` (a refusal opening is the most likely first token)."""
     import torch
 
+    from pipeline.models import user_turn_text
+
     ids = torch.tensor(list(refusal_ids), dtype=torch.long)
     out = []
     for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
-                                               add_generation_prompt=True)
-                 for p in prompts[start:start + batch_size]]
+        texts = [user_turn_text(tokenizer, p) for p in prompts[start:start + batch_size]]
         enc = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False)
         with torch.no_grad():
             logits = model(**enc).logits[:, -1].float()                      # (B, V), last = next token
