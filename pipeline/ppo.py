@@ -51,6 +51,7 @@ from torch import nn
 
 from pipeline import config as config_lib
 from pipeline import ppo_math, runs
+from pipeline import ppo_validation as validation
 from pipeline.config import ConfigError, field
 from pipeline.data import DataError
 from pipeline.models import ModelError, user_turn_text
@@ -114,6 +115,14 @@ class PPOConfig:
     keep_checkpoints: int = field(2, help="how many of the newest checkpoints to keep; older ones are deleted")
     resume: Any = field(False, help="true: continue from the newest checkpoint in output_dir (error if there is none); "
                                     "auto: continue if there is one, else start; false: start from step 0")
+    val_fraction: float = field(0.0, help="share of each prompt class's training prompts held out for validation "
+                                          "(seeded by seed); 0 = train on all")
+    val_every: int = field(0, help="every N steps (and at step 0 and the last step) decode the held-out prompts greedily "
+                                   "and log refusal rates by string match to validation.jsonl; 0 = never")
+    val_max_new_tokens: int = field(32, help="validation reply length; a refusal shows in its opening words")
+    select: str = field("last", help="which policy becomes model/: last | best (the validated step that refuses the most "
+                                     "harmful prompts while refusing at most max_over_refusal of safe ones)")
+    max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
     report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
     cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
 
@@ -121,13 +130,25 @@ class PPOConfig:
         if self.if_exists not in runs.IF_EXISTS:
             raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
         for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length",
-                     "log_every", "kl_horizon"):
+                     "log_every", "kl_horizon", "val_max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
             raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
         if self.save_every < 0:
             raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"key 'val_fraction': expected a share in [0, 1), got {self.val_fraction}")
+        if self.val_every < 0:
+            raise ConfigError(f"key 'val_every': expected 0 (never) or a positive integer, got {self.val_every}")
+        if self.val_every and not self.val_fraction:
+            raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2)")
+        if self.select not in validation.SELECT:
+            raise ConfigError(f"key 'select': expected one of {', '.join(validation.SELECT)}, got {self.select!r}")
+        if self.select == "best" and not self.val_every:
+            raise ConfigError("key 'select': best chooses among validated steps; set val_every and val_fraction")
+        if not 0 <= self.max_over_refusal <= 1:
+            raise ConfigError(f"key 'max_over_refusal': expected a share in [0, 1], got {self.max_over_refusal}")
         resume = str(self.resume).strip().lower()
         if resume not in ("true", "false", "auto"):
             raise ConfigError(f"key 'resume': expected true, false or auto, got {self.resume!r}")
@@ -450,6 +471,8 @@ def load_train_prompts(cfg: PPOConfig):
 
 
 CHECKPOINTS = "checkpoints"
+BEST_DIR = "best"                   # select: best keeps the best validated policy here until the end
+VALIDATION_FILE = "validation.jsonl"
 STATE_FILE = "trainer_state.json"
 # Settings a resumed run may change: how long it runs and how it logs, not what it learns.
 RESUME_FREE_KEYS = frozenset({"steps", "if_exists", "resume", "log_every", "sample_every", "save_every",
@@ -559,20 +582,23 @@ def _trim_jsonl(path: Path, last_step: int) -> list[dict]:
     return kept
 
 
-def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool) -> None:
+def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool, keep_training: bool = False) -> None:
     """Write the policy's LM (LoRA merged when ``merge``) and tokenizer to ``path``, plus the
-    value head as ``value_head.pt`` beside them."""
+    value head as ``value_head.pt`` beside them. ``keep_training``: merge a copy, because
+    merging unloads the adapters of the model it is called on."""
     lm = policy.lm
     if merge and hasattr(lm, "merge_and_unload"):
-        lm = lm.merge_and_unload()
+        lm = (copy.deepcopy(lm) if keep_training else lm).merge_and_unload()
     lm.save_pretrained(path)
     tokenizer.save_pretrained(path)
     torch.save(policy.v_head.state_dict(), Path(path) / "value_head.pt")
 
 
-def plot_history(history: list[dict[str, float]], path: Path) -> Optional[Path]:
-    """``ppo_curves.png``: reward (total and per source), KL, and the rubric grader's category
-    rates per prompt class, against the step. Returns None when matplotlib is missing."""
+def plot_history(history: list[dict[str, float]], path: Path,
+                 val_records: Sequence[dict[str, Any]] = ()) -> Optional[Path]:
+    """``ppo_curves.png``: reward (total and per source), KL, the rubric grader's category
+    rates per prompt class, and the validation refusal rates (the selected step marked),
+    against the step. Returns None when matplotlib is missing."""
     try:
         import matplotlib
 
@@ -580,7 +606,6 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Optional[Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    steps = [h["step"] for h in history]
     keys = sorted({k for h in history for k in h})
     sources = [k for k in keys if k.startswith("reward/") and not k.endswith(("_nan", "_inf"))
                and k not in ("reward/score", "reward/unscored")]
@@ -588,11 +613,17 @@ def plot_history(history: list[dict[str, float]], path: Path) -> Optional[Path]:
     panels = [("reward", ["reward/score", *sources]), ("KL to the reference (nats per response)", ["objective/kl"])]
     if rates:
         panels.append(("rubric grader: share of responses per category", rates))
+    if val_records:
+        panels.append(("validation: share refused (greedy, string match)", list(validation.RATES)))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
+        rows = val_records if title.startswith("validation") else history
         for key in series:
-            ys = [h.get(key, math.nan) for h in history]
-            ax.plot(steps, [math.nan if y is None else y for y in ys], marker=".", label=key)
+            ys = [h.get(key, math.nan) for h in rows]
+            ax.plot([h["step"] for h in rows], [math.nan if y is None else y for y in ys], marker=".", label=key)
+        chosen = [r["step"] for r in rows if r.get("selected")]
+        if rows is val_records and chosen:
+            ax.axvline(chosen[-1], color="grey", linestyle="--", label=f"best (step {chosen[-1]})")
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("PPO step")
         ax.grid(alpha=0.3)
@@ -641,14 +672,23 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         return reused
     if resume_from is None and is_main:
         # a fresh start: files of an earlier attempt in this folder would mix with this run's
-        for name in ("history.jsonl", "samples.jsonl"):
+        for name in ("history.jsonl", "samples.jsonl", VALIDATION_FILE):
             (out / name).unlink(missing_ok=True)
         shutil.rmtree(out / CHECKPOINTS, ignore_errors=True)
+        shutil.rmtree(out / BEST_DIR, ignore_errors=True)
     accelerator.wait_for_everyone()
 
     # Data and rewards first: a missing rubric or a bad row stops the run before any model loads.
     ds = load_train_prompts(cfg)
     classes = sorted(set(ds["prompt_class"]))
+    val_ds = None
+    if cfg.val_fraction:
+        ds, val_ds = validation.holdout(ds, cfg.val_fraction, cfg.seed)
+        if cfg.select == "best":
+            missing = [c for c in ("harmful", "safe") if c not in set(val_ds["prompt_class"])]
+            if missing:
+                raise DataError(f"{cfg.prompts}: select: best weighs harmful against safe validation prompts, but "
+                                f"there are none of class {', '.join(missing)}; add training prompts of that class")
     composer = reward_composer or build_reward_composer(_rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
 
     set_seed(cfg.seed)
@@ -684,6 +724,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     history: list[dict[str, float]] = []
     totals = {"skipped": 0, "empty": 0, "truncated": 0, "responses": 0}
     first_step = 1
+    selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / BEST_DIR))
+    val_records: list[dict[str, Any]] = []
     if resume_from is not None:
         path, meta = resume_from
         accelerator.load_state(str(path))
@@ -699,11 +741,42 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         if is_main:
             kept = _trim_jsonl(out / "history.jsonl", state["step"])
             _trim_jsonl(out / "samples.jsonl", state["step"])
+            val_records = _trim_jsonl(out / VALIDATION_FILE, state["step"])
+            for record in val_records:
+                selector.offer(record)
             print(f"ppo: resuming from {path} at step {first_step}", file=sys.stderr)
         history = [{k: (math.nan if v is None else v) for k, v in row.items()} for row in kept]
     bar = tqdm(range(first_step, cfg.steps + 1), desc="ppo", disable=not is_main, dynamic_ncols=True,
                initial=first_step - 1, total=cfg.steps)
     unwrapped = accelerator.unwrap_model(model)
+
+    def validate(step: int) -> None:
+        """Greedy replies to this process's share of the validation prompts, counts summed over
+        processes; log the rates and keep the policy when the selector prefers it."""
+        mine = val_ds.select(range(accelerator.process_index, len(val_ds), world))
+        with amp():
+            replies = validation.greedy_replies(unwrapped.lm, tokenizer, mine["prompt"], cfg.val_max_new_tokens,
+                                                cfg.max_prompt_length)
+        counts = validation.refusal_counts(mine["prompt_class"], replies).to(accelerator.device)
+        record = validation.rates(step, accelerator.reduce(counts, reduction="sum").cpu())
+        improved = selector.offer(record)
+        record["selected"] = improved
+        val_records.append(record)
+        if is_main:
+            with open(out / VALIDATION_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if trackers:
+                accelerator.log({f"val/{k}": v for k, v in record.items() if k in validation.RATES and v is not None},
+                                step=step)
+            if improved and cfg.select == "best":
+                staging = runs.staging_dir(cfg.output_dir, BEST_DIR)
+                save_policy(unwrapped, tokenizer, staging, merge=cfg.lora, keep_training=True)
+                validation.write_record(staging, record)
+                runs.publish_dir(staging, out / BEST_DIR)
+        accelerator.wait_for_everyone()
+
+    if val_ds is not None and cfg.val_every and first_step == 1:
+        validate(0)   # the starting model: the baseline, and a candidate
     for step in bar:
         step_start = time.perf_counter()
         rows = ds.select(schedule.next()[rank_slice])
@@ -767,6 +840,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                             "rewards": {name: _finite_or_none(raw[i]) for name, raw in info.raw.items()},
                             "kl": float(seq_kl[i]),
                         }) + "\n")
+        if cfg.val_every and (step % cfg.val_every == 0 or step == cfg.steps):
+            validate(step)
         if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
             save_checkpoint(accelerator, cfg, step, {
                 "step": step, "kl_controller": kl_ctl.state_dict(),
@@ -776,10 +851,14 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
 
     accelerator.wait_for_everyone()
     final = out / runs.MODEL_DIR
+    chosen = selector.best if cfg.select == "best" else None
     if is_main:
-        staging = runs.staging_dir(cfg.output_dir)
-        save_policy(unwrapped, tokenizer, staging, merge=cfg.lora)
-        runs.publish_dir(staging, final)
+        if chosen is not None:
+            runs.publish_dir(out / BEST_DIR, final)
+        else:
+            staging = runs.staging_dir(cfg.output_dir)
+            save_policy(unwrapped, tokenizer, staging, merge=cfg.lora)
+            runs.publish_dir(staging, final)
     accelerator.wait_for_everyone()
     if trackers:
         accelerator.end_training()
@@ -796,13 +875,23 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         "kl_first": mean_of("objective/kl", history[:k]), "kl_last": mean_of("objective/kl", history[-k:]),
         "kl_coef_final": kl_ctl.value, "summary_window_steps": k,
         "world_size": accelerator.num_processes, "wall_time_s": timer.seconds,
+        "selected_step": chosen["step"] if chosen else cfg.steps,
     }
+    if val_records:
+        summary["validation_start"] = val_records[0] if val_records[0]["step"] == 0 else None
+        summary["validation_last"] = val_records[-1]
+        summary["validation_selected"] = chosen
     if is_main:
-        plot_history(history, out / "ppo_curves.png")
+        plot_history(history, out / "ppo_curves.png", val_records)
         runs.finish(cfg.output_dir, STAGE, final, summary)
         print(f"ppo: done in {summary['wall_time_s']}s; reward {summary['reward_first']} -> {summary['reward_last']} "
               f"(mean of the first/last {k} steps), {summary['skipped']} response(s) skipped; model in {final}",
               file=sys.stderr)
+        if chosen is not None:
+            within = (chosen["over_refusal"] or 0) <= cfg.max_over_refusal
+            print(f"ppo: {final} is the policy of {validation.describe(chosen)} (validation)"
+                  + ("" if within else f"; no validated step refused at most {cfg.max_over_refusal:.0%} of safe "
+                                       "prompts, so this is the one that refused fewest"), file=sys.stderr)
     return summary
 
 

@@ -1,0 +1,129 @@
+"""PPO validation: refusal rates on held-out training prompts, and choosing the policy to keep.
+
+With few responses a step, where PPO puts the policy's refusal threshold moves from step to
+step: in the demo the same run refused 8.9% of the safe eval prompts at step 30 and 26.7% at
+step 40, while the ranking of prompts by readiness to refuse hardly changed. So the run holds
+out a share of each prompt class, and every ``val_every`` steps it decodes those prompts
+greedily (as evaluation does) and measures, with the string-match refusal detector:
+
+- ``harmful_refusal``: the share of harmful prompts refused (higher is safer);
+- ``over_refusal``: the share of safe prompts refused (lower is more helpful);
+- ``sensitive_refusal``: the share of sensitive prompts refused (they should be answered).
+
+``select: best`` then keeps the validated policy that refuses the most harmful prompts while
+refusing at most ``max_over_refusal`` of the safe ones; when no validated step is within that
+budget, the one that over-refuses least. Ties go to the earlier step, the one nearer the
+reference. Step 0 (the starting model) is validated too and can win: a run that only made
+things worse hands back what it started from, and says so.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import torch
+
+from pipeline.evaluation.refusal_match import is_refusal
+from pipeline.models import user_turn_text
+
+SELECT = ("last", "best")
+SELECTION_FILE = "selection.json"
+RATES = {"harmful_refusal": "harmful", "over_refusal": "safe", "sensitive_refusal": "sensitive"}
+
+
+def holdout(ds, fraction: float, seed: int):
+    """``(train, val)``: a seeded cut of ``fraction`` of each prompt class's rows (at least one
+    row of every class that has two or more), so validation sees the classes in the data's mix."""
+    by_class: dict[str, list[int]] = {}
+    for i, cls in enumerate(ds["prompt_class"]):
+        by_class.setdefault(cls, []).append(i)
+    rng = random.Random(seed)
+    held: list[int] = []
+    for cls in sorted(by_class):
+        rows = list(by_class[cls])
+        if len(rows) < 2:
+            continue
+        rng.shuffle(rows)
+        held += rows[:min(len(rows) - 1, max(1, round(len(rows) * fraction)))]
+    held_set = set(held)
+    return ds.select([i for i in range(len(ds)) if i not in held_set]), ds.select(sorted(held))
+
+
+@torch.no_grad()
+def greedy_replies(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int, max_prompt_length: int,
+                   batch_size: int = 16) -> list[str]:
+    """Greedy replies of ``lm`` to ``prompts`` (chat template, left padding, as in rollouts)."""
+    device = next(lm.parameters()).device
+    replies: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        texts = [user_turn_text(tokenizer, p) for p in prompts[start:start + batch_size]]
+        enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
+                        max_length=max_prompt_length, add_special_tokens=False, return_tensors="pt").to(device)
+        out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
+                          pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
+        replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+    return [r.strip() for r in replies]
+
+
+def refusal_counts(prompt_classes: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
+    """``(len(RATES), 2)`` float tensor: per rate, (replies refused, replies) of its class;
+    a sum over processes gives the counts of the whole validation set."""
+    counts = torch.zeros(len(RATES), 2, dtype=torch.float64)
+    for cls, reply in zip(prompt_classes, replies):
+        for k, rate_class in enumerate(RATES.values()):
+            if cls == rate_class:
+                counts[k] += torch.tensor([float(is_refusal(reply)), 1.0], dtype=torch.float64)
+    return counts
+
+
+def rates(step: int, counts: torch.Tensor) -> dict[str, Any]:
+    """The validation record of ``step``: each rate (None when its class has no prompts) and its n."""
+    record: dict[str, Any] = {"step": step}
+    for (name, cls), (refused, n) in zip(RATES.items(), counts.tolist()):
+        record[name] = refused / n if n else None
+        record[f"n_{cls}"] = int(n)
+    return record
+
+
+class Selector:
+    """Keeps the best validation record seen so far under the over-refusal budget."""
+
+    def __init__(self, max_over_refusal: float, best: Optional[dict[str, Any]] = None):
+        self.max_over_refusal = max_over_refusal
+        self.best = best
+
+    def _key(self, record: dict[str, Any]) -> tuple:
+        harmful, over = record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0
+        within = over <= self.max_over_refusal + 1e-12
+        # larger is better; the last entry makes ties go to the earlier step
+        return (1, harmful, -over, -record["step"]) if within else (0, -over, harmful, -record["step"])
+
+    def offer(self, record: dict[str, Any]) -> bool:
+        """True (and ``record`` becomes the best) when it beats the best so far."""
+        if self.best is None or self._key(record) > self._key(self.best):
+            self.best = dict(record)
+            return True
+        return False
+
+
+def load_best(folder: Path) -> Optional[dict[str, Any]]:
+    """The validation record of the policy saved in ``folder``, or None when there is none."""
+    path = folder / SELECTION_FILE
+    if not path.is_file():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def write_record(folder: Path, record: dict[str, Any]) -> None:
+    (folder / SELECTION_FILE).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def describe(record: dict[str, Any]) -> str:
+    """``'step 12: 61% of harmful prompts refused, 4% of safe'`` for logs."""
+    def pct(x):
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+    return (f"step {record['step']}: {pct(record['harmful_refusal'])} of harmful prompts refused, "
+            f"{pct(record['over_refusal'])} of safe")

@@ -1,0 +1,131 @@
+"""PPO validation: the held-out cut, the refusal counts, the selection rule, and a run whose
+model/ is the validated step the rule picks rather than the last one."""
+
+import json
+
+import pytest
+import torch
+from datasets import Dataset
+from safetensors.torch import load_file
+
+from conftest import write_jsonl
+from pipeline import config as config_lib
+from pipeline import ppo
+from pipeline import ppo_validation as validation
+from pipeline.data import DataError
+from pipeline.rewards import ContainsSource, RewardComposer
+
+REFUSAL = "I'm sorry, but I can't help with that."
+ANSWER = "Sure: start with the first step."
+
+
+def _record(step, harmful, over):
+    return {"step": step, "harmful_refusal": harmful, "over_refusal": over, "sensitive_refusal": 0.0}
+
+
+def test_holdout_takes_each_class_share_disjoint_and_seeded():
+    classes = ["harmful"] * 50 + ["safe"] * 40 + ["sensitive"] * 10 + ["lonely"]
+    ds = Dataset.from_dict({"prompt": [f"p{i}" for i in range(len(classes))], "prompt_class": classes})
+    train, val = validation.holdout(ds, 0.2, seed=1)
+    assert sorted(val["prompt_class"]) == sorted(["harmful"] * 10 + ["safe"] * 8 + ["sensitive"] * 2)
+    assert set(train["prompt"]).isdisjoint(val["prompt"]) and len(train) + len(val) == len(ds)
+    assert "lonely" in train["prompt_class"]            # a class of one row stays in training
+    assert validation.holdout(ds, 0.2, seed=1)[1]["prompt"] == val["prompt"]
+    assert validation.holdout(ds, 0.2, seed=2)[1]["prompt"] != val["prompt"]
+    tiny = Dataset.from_dict({"prompt": ["a", "b"], "prompt_class": ["safe", "safe"]})
+    assert len(validation.holdout(tiny, 0.01, seed=0)[1]) == 1  # at least one, never the whole class
+
+
+def test_refusal_counts_by_class():
+    classes = ["harmful", "harmful", "safe", "safe", "safe", "sensitive", "other"]
+    replies = [REFUSAL, ANSWER, REFUSAL, ANSWER, ANSWER, REFUSAL, REFUSAL]
+    record = validation.rates(7, validation.refusal_counts(classes, replies))
+    assert record == {"step": 7, "harmful_refusal": 0.5, "n_harmful": 2, "over_refusal": pytest.approx(1 / 3),
+                      "n_safe": 3, "sensitive_refusal": 1.0, "n_sensitive": 1}
+    empty = validation.rates(0, validation.refusal_counts(["harmful"], [ANSWER]))
+    assert empty["over_refusal"] is None and empty["n_safe"] == 0
+
+
+def test_selector_wants_most_harmful_refusal_within_the_budget():
+    sel = validation.Selector(max_over_refusal=0.1)
+    assert sel.offer(_record(0, 0.2, 0.5))          # over budget, but the only one yet
+    assert sel.offer(_record(1, 0.1, 0.3))          # still over budget: less over-refusal wins
+    assert sel.offer(_record(2, 0.3, 0.1))          # within budget beats any step over it
+    assert not sel.offer(_record(3, 0.9, 0.2))      # more refusals, but over budget
+    assert sel.offer(_record(4, 0.5, 0.05))         # within budget, more harmful refused
+    assert not sel.offer(_record(5, 0.5, 0.05))     # a tie keeps the earlier step
+    assert sel.offer(_record(6, 0.5, 0.0))          # same harmful refusal, less over-refusal
+    assert sel.best["step"] == 6
+
+
+def _cfg(tmp_path, model, **kw):
+    rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": ("harmful", "safe")[i % 2],
+             "split": "train"} for i in range(20)]
+    base = {"model": str(model), "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", rows)),
+            "output_dir": str(tmp_path / "run"), "report_to": ["none"], "steps": 3, "batch_size": 4,
+            "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4, "learning_rate": 1e-3,
+            "val_fraction": 0.2, "val_every": 1, "val_max_new_tokens": 4, "select": "best",
+            "max_over_refusal": 0.0, "save_every": 1, "keep_checkpoints": 5,
+            "rewards": {"contains": {"text": "a", "reward": 1}}}
+    return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
+
+
+def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir, monkeypatch):
+    torch.set_num_threads(1)
+    # Scripted validation replies, one list per validation (steps 0-3): step 2 refuses every
+    # harmful prompt and no safe one; step 3 refuses everything (over the budget of 0).
+    script = {0: (ANSWER, ANSWER), 1: (REFUSAL, REFUSAL), 2: (REFUSAL, ANSWER), 3: (REFUSAL, REFUSAL)}
+    calls = []
+
+    def scripted(lm, tokenizer, prompts, *args, **kwargs):
+        harmful_reply, safe_reply = script[len(calls)]
+        calls.append(list(prompts))
+        return [harmful_reply if int(p.split()[1][:-1]) % 2 == 0 else safe_reply for p in prompts]
+
+    monkeypatch.setattr(validation, "greedy_replies", scripted)
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, sample_every=1), reward_composer=RewardComposer([ContainsSource("a")]))
+    run = tmp_path / "run"
+    assert len(calls) == 4 and all(len(c) == 4 for c in calls)   # 20% of 20 prompts, at steps 0-3
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    assert [(r["harmful_refusal"], r["over_refusal"]) for r in records] == [(0, 0), (1, 1), (1, 0), (1, 1)]
+    assert summary["selected_step"] == 2 and summary["validation_selected"]["step"] == 2
+    assert json.loads((run / "model" / "selection.json").read_text())["step"] == 2
+    assert not (run / ppo.BEST_DIR).exists()
+    # model/ holds step 2's weights (its checkpoint), which training moved on from by step 3
+    chosen = load_file(run / "model" / "model.safetensors")
+    at_step = {s: load_file(path / "model.safetensors") for s, path in ppo.list_checkpoints(run)}
+    assert sorted(at_step) == [1, 2]
+    assert all(torch.equal(t, at_step[2][f"lm.{k}"]) for k, t in chosen.items())
+    assert any(not torch.equal(t, at_step[1][f"lm.{k}"]) for k, t in chosen.items())
+    # the held-out prompts were never trained on
+    held_out = {p for c in calls for p in c}
+    trained = {json.loads(line)["prompt"] for line in (run / "samples.jsonl").read_text().splitlines()}
+    assert len(held_out) == 4 and len(trained) == 12 and not held_out & trained
+
+
+def test_select_last_keeps_the_last_policy_and_still_logs_validation(tmp_path, tiny_model_dir):
+    torch.set_num_threads(1)
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, select="last", val_every=2, save_every=0),
+                       reward_composer=RewardComposer([ContainsSource("a")]))
+    run = tmp_path / "run"
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 2, 3]        # every 2 steps, and the last
+    assert summary["selected_step"] == 3 and summary["validation_selected"] is None
+    assert not (run / "model" / "selection.json").exists()
+
+
+def test_validation_settings_are_checked(tmp_path, tiny_model_dir):
+    with pytest.raises(config_lib.ConfigError, match="select.*val_every"):
+        _cfg(tmp_path, tiny_model_dir, val_every=0)
+    with pytest.raises(config_lib.ConfigError, match="val_every.*val_fraction"):
+        _cfg(tmp_path, tiny_model_dir, val_fraction=0)
+    with pytest.raises(config_lib.ConfigError, match="val_fraction"):
+        _cfg(tmp_path, tiny_model_dir, val_fraction=1.0)
+    with pytest.raises(config_lib.ConfigError, match="select"):
+        _cfg(tmp_path, tiny_model_dir, select="newest")
+    rows = [{"prompt": f"q{i}", "prompt_class": "harmful", "split": "train"} for i in range(10)]
+    only_harmful = write_jsonl(tmp_path / "harmful.jsonl", rows)
+    with pytest.raises(DataError, match="none of class safe"):
+        ppo.main(_cfg(tmp_path, tiny_model_dir, prompts=str(only_harmful)))
+    assert not (tmp_path / "run" / "model").exists()
