@@ -125,6 +125,10 @@ def run(config_dir: str = "configs") -> dict:
         print(f"  reward model: held-out accuracy {acc:.3f} ({rm_metrics['eval_pairs']} pairs)")
     print(f"  ppo: reward {ppo_metrics.get('reward_first')} -> {ppo_metrics.get('reward_last')}, "
           f"KL {ppo_metrics.get('kl_first')} -> {ppo_metrics.get('kl_last')}")
+    if ppo_metrics.get("validation_selected"):
+        from pipeline.ppo_validation import describe
+
+        print(f"  ppo: kept the policy of {describe(ppo_metrics['validation_selected'])} (held-out training prompts)")
     print("\n" + "\n".join(out["table"]))
     print("\n  report:  " + out["files"]["report"])
     for chart in out["files"]["charts"]:

@@ -129,3 +129,44 @@ def test_validation_settings_are_checked(tmp_path, tiny_model_dir):
     with pytest.raises(DataError, match="none of class safe"):
         ppo.main(_cfg(tmp_path, tiny_model_dir, prompts=str(only_harmful)))
     assert not (tmp_path / "run" / "model").exists()
+
+
+class CrashAt(RewardComposer):
+    """Raises while scoring its ``at``-th batch, like a run killed mid-step."""
+
+    def __init__(self, at):
+        super().__init__([ContainsSource("a")])
+        self.at, self.calls = at, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.at:
+            raise KeyboardInterrupt
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_resumed_run_keeps_the_best_policy_found_before_the_crash(tmp_path, tiny_model_dir, monkeypatch):
+    torch.set_num_threads(1)
+    # validations 0-3 before the crash, then steps 4 and 5 after the resume: only step 1 is
+    # within the budget of 0
+    script = [(ANSWER, REFUSAL), (REFUSAL, ANSWER), (REFUSAL, REFUSAL), (REFUSAL, REFUSAL),
+              (REFUSAL, REFUSAL), (REFUSAL, REFUSAL)]
+    calls = []
+
+    def scripted(lm, tokenizer, prompts, *args, **kwargs):
+        harmful_reply, safe_reply = script[len(calls)]
+        calls.append(1)
+        return [harmful_reply if int(p.split()[1][:-1]) % 2 == 0 else safe_reply for p in prompts]
+
+    monkeypatch.setattr(validation, "greedy_replies", scripted)
+    with pytest.raises(KeyboardInterrupt):
+        ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5), reward_composer=CrashAt(4))
+    run = tmp_path / "run"
+    assert [s for s, _ in ppo.list_checkpoints(run)] == [1, 2, 3] and not (run / "model").exists()
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5, resume=True), reward_composer=CrashAt(0))
+    assert len(calls) == 6 and summary["selected_step"] == 1
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]
+    chosen = load_file(run / "model" / "model.safetensors")
+    step1 = load_file(run / "checkpoints" / "step-1" / "model.safetensors")
+    assert all(torch.equal(t, step1[f"lm.{k}"]) for k, t in chosen.items())
