@@ -98,6 +98,9 @@ class PPOConfig:
     clip_range: float = field(0.2, help="policy ratio clip epsilon")
     clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
     vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
+    class_baseline: bool = field(True, help="subtract from each score a moving average of its prompt class's scores "
+                                            "(a baseline per class; see ppo_math.ClassBaseline)")
+    class_baseline_decay: float = field(0.9, help="class_baseline: weight of the old average at each step")
     whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
     bf16: Optional[bool] = field(None, help="bf16 autocast in rollouts and updates (weights and optimizer stay fp32); "
@@ -137,6 +140,8 @@ class PPOConfig:
             raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
         if self.save_every < 0:
             raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
+        if not 0 <= self.class_baseline_decay < 1:
+            raise ConfigError(f"key 'class_baseline_decay': expected a number in [0, 1), got {self.class_baseline_decay}")
         if not 0 <= self.val_fraction < 1:
             raise ConfigError(f"key 'val_fraction': expected a share in [0, 1), got {self.val_fraction}")
         if self.val_every < 0:
@@ -703,6 +708,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     if trackers:
         accelerator.init_trackers("logs", config={k: v for k, v in config_lib.to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
+    baseline = ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline else None
     kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo_math.FixedKLController(cfg.kl_coef))
     # Sampling differs per process; the shuffle generator is per process too (different data).
@@ -734,6 +740,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         if state.get("rewards") is not None and hasattr(composer, "load_state_dict"):
             composer.load_state_dict(state["rewards"])
         schedule.load_state_dict(state["prompt_schedule"])
+        if baseline is not None:
+            baseline.load_state_dict(state["class_baseline"])
         shuffle.set_state(state["shuffle"])
         totals = dict(state["totals"])
         first_step = int(state["step"]) + 1
@@ -790,6 +798,10 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         scored = torch.isfinite(score) & ~ro.empty                                     # (B,)
         mask = ro.response_mask * scored[:, None].long()                                # (B, T)
         score = torch.where(scored, score, torch.zeros_like(score))
+        raw_score = score
+        if baseline is not None:
+            score = baseline(score, ro.prompt_classes, scored, all_reduce=(
+                (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None))
         reward_done = time.perf_counter()
         rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_ctl.value,
                                                  cfg.kl_estimator)                      # (B, T) each
@@ -802,7 +814,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         # Batch statistics, summed over processes so every process updates beta the same way.
         seq_kl = kl.sum(1)                                                              # (B,)
         sums = torch.tensor([
-            float(seq_kl[scored].sum()), float(scored.sum()), float(score[scored].sum()),
+            float(seq_kl[scored].sum()), float(scored.sum()), float(raw_score[scored].sum()),
             float((~scored).sum()), float(ro.empty.sum()),
             float(ro.truncated.sum()), float(ro.response_mask.sum()), float(len(ro.responses)),
         ], device=accelerator.device)
@@ -822,7 +834,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                    "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
                    "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,
                    "time/step_s": time.perf_counter() - step_start, "time/rollout_s": rollout_done - step_start,
-                   "time/reward_s": reward_done - rollout_done, "time/update_s": time.perf_counter() - reward_done}
+                   "time/reward_s": reward_done - rollout_done, "time/update_s": time.perf_counter() - reward_done,
+                   **({f"baseline/{c}": v for c, v in baseline.mean.items()} if baseline is not None else {})}
         history.append(metrics)
         bar.set_postfix(reward=f"{mean_score:.3f}", kl=f"{mean_kl:.3f}")
         if is_main:
@@ -846,7 +859,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
             save_checkpoint(accelerator, cfg, step, {
                 "step": step, "kl_controller": kl_ctl.state_dict(),
                 "rewards": composer.state_dict() if hasattr(composer, "state_dict") else None,
-                "prompt_schedule": schedule.state_dict(), "shuffle": shuffle.get_state(), "totals": dict(totals)})
+                "prompt_schedule": schedule.state_dict(), "shuffle": shuffle.get_state(), "totals": dict(totals),
+                "class_baseline": baseline.state_dict() if baseline is not None else None})
     bar.close()
 
     accelerator.wait_for_everyone()

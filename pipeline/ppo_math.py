@@ -30,7 +30,7 @@ and a row with no real token (an empty response) receives no reward at all.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 
@@ -470,6 +470,56 @@ class RunningMoments:
 
     def load_state_dict(self, state: dict[str, float]) -> None:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+class ClassBaseline:
+    """A baseline per prompt class: an exponential moving average of the class's scores.
+
+    Subtracting a baseline that depends only on the prompt leaves the policy gradient
+    unbiased and removes the part of the score the policy already earns as a matter of
+    course. Without one, the value head (zero at the start, slow to learn) leaves the raw
+    score as the advantage: when the policy already refuses nearly every harmful prompt, each
+    of those refusals still counts as a large positive advantage, and as the refusal opening
+    is shared with safe prompts, refusing goes up everywhere. Centred per class, an expected
+    refusal of a harmful prompt is worth about 0 and only what differs from the class's usual
+    outcome (a compliance there, a refusal of a safe prompt) moves the policy.
+
+    For each class in a batch, with ``m`` the mean of its scored responses (summed over
+    processes through ``all_reduce``)::
+
+        centred = score - b           (b: the class's average before this batch; m for its first)
+        b <- decay * b + (1 - decay) * m
+    """
+
+    def __init__(self, classes: Sequence[str], decay: float):
+        self.classes = list(classes)
+        self.decay = float(decay)
+        self.mean: dict[str, float] = {}
+
+    def __call__(self, score: torch.Tensor, classes: Sequence[str], scored: torch.Tensor,
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """``(B,)`` scores -> ``(B,)`` scores less their class's baseline (unscored rows unchanged)."""
+        index = torch.tensor([self.classes.index(c) for c in classes], dtype=torch.long, device=score.device)
+        sums = torch.zeros(2, len(self.classes), dtype=torch.float64, device=score.device)
+        sums[0].index_add_(0, index[scored], score[scored].to(torch.float64))
+        sums[1].index_add_(0, index[scored], torch.ones_like(score[scored], dtype=torch.float64))
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        batch_mean = {}
+        for k, cls in enumerate(self.classes):
+            if sums[1, k] > 0:
+                batch_mean[cls] = float(sums[0, k] / sums[1, k])
+        base = torch.tensor([self.mean.get(c, batch_mean.get(c, 0.0)) for c in classes], dtype=score.dtype,
+                            device=score.device)
+        for cls, m in batch_mean.items():
+            self.mean[cls] = self.decay * self.mean[cls] + (1 - self.decay) * m if cls in self.mean else m
+        return torch.where(scored, score - base, score)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": dict(self.mean)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean = {str(k): float(v) for k, v in state["mean"].items()}
 
 
 def whiten_and_clip_scores(

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.ppo_math import (
+    ClassBaseline,
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -356,3 +357,26 @@ def test_whiten_and_clip_scores():
     sr = math.sqrt(70 / 6)
     close(out, [-3 / sr, -1 / sr, 1 / sr, 7 / sr])
     assert running.count == 6
+
+
+def test_class_baseline_centres_each_class_on_its_own_average():
+    base = ClassBaseline(["harmful", "safe"], decay=0.5)
+    # Batch 1: harmful 1.0 and 0.6 (mean 0.8), safe -1.0, and an unscored harmful row. A class's
+    # first batch is centred on its own mean; the unscored row is left alone and not counted.
+    scored = torch.tensor([True, True, True, False])
+    out = base(T([1.0, 0.6, -1.0, 0.0]), ["harmful", "harmful", "safe", "harmful"], scored)
+    close(out, [0.2, -0.2, 0.0, 0.0])
+    assert base.mean == pytest.approx({"harmful": 0.8, "safe": -1.0})
+    # Batch 2 is centred on the averages from before it, which then move halfway to its means:
+    # harmful 0.0 - 0.8; safe 1.0 + 1.0 and 0.0 + 1.0; harmful -> 0.4, safe -> (-1.0 + 0.5) / 2.
+    resumed = ClassBaseline(["harmful", "safe"], decay=0.5)
+    resumed.load_state_dict(base.state_dict())
+    for b in (base, resumed):
+        out = b(T([0.0, 1.0, 0.0]), ["harmful", "safe", "safe"], torch.tensor([True, True, True]))
+        close(out, [-0.8, 2.0, 1.0])
+        assert b.mean == pytest.approx({"harmful": 0.4, "safe": -0.25})
+    # Under several processes the class sums are reduced first: here a second process holding
+    # harmful 3.0 makes the batch's harmful mean (0 + 3) / 2 = 1.5.
+    other = torch.tensor([[3.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
+    base(T([0.0]), ["harmful"], torch.tensor([True]), all_reduce=lambda sums: sums + other)
+    assert base.mean["harmful"] == pytest.approx(0.5 * 0.4 + 0.5 * 1.5)
