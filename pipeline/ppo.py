@@ -122,7 +122,8 @@ class PPOConfig:
                                           "(seeded by seed); 0 = train on all")
     val_every: int = field(0, help="every N steps (and at step 0 and the last step) decode the held-out prompts greedily "
                                    "and log refusal rates by string match to validation.jsonl; 0 = never")
-    val_max_new_tokens: int = field(32, help="validation reply length; a refusal shows in its opening words")
+    val_max_new_tokens: int = field(16, help="validation reply length; a refusal shows in its opening words")
+    val_batch_size: int = field(64, help="validation prompts decoded together")
     select: str = field("last", help="which policy becomes model/: last | best (the validated step that refuses the most "
                                      "harmful prompts while refusing at most max_over_refusal of safe ones)")
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
@@ -133,7 +134,7 @@ class PPOConfig:
         if self.if_exists not in runs.IF_EXISTS:
             raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
         for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length",
-                     "log_every", "kl_horizon", "val_max_new_tokens"):
+                     "log_every", "kl_horizon", "val_max_new_tokens", "val_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
         if self.keep_checkpoints < 1:
@@ -764,7 +765,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         mine = val_ds.select(range(accelerator.process_index, len(val_ds), world))
         with amp():
             replies = validation.greedy_replies(unwrapped.lm, tokenizer, mine["prompt"], cfg.val_max_new_tokens,
-                                                cfg.max_prompt_length)
+                                                cfg.max_prompt_length, cfg.val_batch_size)
         counts = validation.refusal_counts(mine["prompt_class"], replies).to(accelerator.device)
         record = validation.rates(step, accelerator.reduce(counts, reduction="sum").cpu())
         improved = selector.offer(record)
