@@ -26,7 +26,8 @@ def _configs(tmp_path, tiny_model_dir):
                          "max_length": 128},
         "ppo": {**common, "model": str(tmp_path / "sft"), "prompts": str(REPO / "data" / "prompts.jsonl"),
                 "output_dir": str(tmp_path / "ppo"), "steps": 2, "batch_size": 2, "mini_batch_size": 2,
-                "ppo_epochs": 1, "max_new_tokens": 4,
+                "ppo_epochs": 1, "max_new_tokens": 4, "val_fraction": 0.2, "val_every": 1, "val_max_new_tokens": 2,
+                "select": "best",
                 "rewards": {"rm": {"model": str(tmp_path / "rm"), "normalise": "running"},
                             "rbrm": {"grader": {"backend": "embedding", "rubrics": [str(REPO / "rubrics")],
                                                 "cache": str(tmp_path / "grades.sqlite")}}}},
@@ -62,6 +63,9 @@ def test_demo_runs_every_stage_then_reuses_them(tmp_path, tiny_model_dir, model_
     assert set(first["files"]["compare"]) == {"sft", "ppo"}
     printed = capsys.readouterr().out
     assert "== demo summary ==" in printed and "| mini / safe (n=1) | over-refusal, grader |" in printed
+    step = first["ppo"]["selected_step"]
+    assert f"ppo: kept the policy of step {step}: " in printed
+    assert json.loads((tmp_path / "ppo" / "model" / "selection.json").read_text())["step"] == step
 
     started = {name: json.loads((tmp_path / name / "run.json").read_text())["started_at"]
                for name in ("sft", "rm", "ppo", "demo-eval")}
