@@ -731,6 +731,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     history: list[dict[str, float]] = []
     totals = {"skipped": 0, "empty": 0, "truncated": 0, "responses": 0}
     first_step = 1
+    # A resumed run starts from the policy in best/, even one validated after the checkpoint it
+    # resumes from (steps now being redone): it is a real, validated policy of this run.
     selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / BEST_DIR))
     val_records: list[dict[str, Any]] = []
     if resume_from is not None:
