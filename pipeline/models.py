@@ -233,6 +233,16 @@ def user_turn_text(tokenizer, prompt: str) -> str:
                                          add_generation_prompt=True)
 
 
+def encode_user_turns(tokenizer, prompts, max_length: int, device=None):
+    """``prompts`` as user turns, left-padded into one batch (so every reply starts at the same
+    column), longer ones keeping their last ``max_length`` tokens; PPO's rollouts and its
+    validation decode from this."""
+    texts = [user_turn_text(tokenizer, p) for p in prompts]
+    enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
+                    max_length=max_length, add_special_tokens=False, return_tensors="pt")
+    return enc.to(device) if device is not None else enc
+
+
 def load_tokenizer(name_or_path: str):
     """Load a tokenizer (distinct pad token, left-truncation off) from a resolved path or hub id."""
     from transformers import AutoTokenizer

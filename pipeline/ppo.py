@@ -54,7 +54,7 @@ from pipeline import ppo_math, runs
 from pipeline import ppo_validation as validation
 from pipeline.config import ConfigError, field
 from pipeline.data import DataError
-from pipeline.models import ModelError, user_turn_text
+from pipeline.models import ModelError, encode_user_turns
 from pipeline.rbrm.rubric import RubricError
 from pipeline.training import Timer, use_bf16
 
@@ -310,9 +310,7 @@ def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer,
     (generation prompt added) and left-padded so every row's response starts at column P.
     """
     device = next(policy.parameters()).device
-    texts = [user_turn_text(tokenizer, p) for p in prompts]
-    enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
-                    max_length=cfg.max_prompt_length, add_special_tokens=False, return_tensors="pt").to(device)
+    enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
     query_ids, query_mask = enc["input_ids"], enc["attention_mask"]     # (B, P)
     eos_ids = [tokenizer.eos_token_id]
     out = policy.lm.generate(

@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from pipeline.evaluation.refusal_match import is_refusal
-from pipeline.models import user_turn_text
+from pipeline.models import encode_user_turns
 
 SELECT = ("last", "best")
 SELECTION_FILE = "selection.json"
@@ -59,9 +59,7 @@ def greedy_replies(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int, m
     device = next(lm.parameters()).device
     replies: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        texts = [user_turn_text(tokenizer, p) for p in prompts[start:start + batch_size]]
-        enc = tokenizer(texts, padding=True, padding_side="left", truncation=True, truncation_side="left",
-                        max_length=max_prompt_length, add_special_tokens=False, return_tensors="pt").to(device)
+        enc = encode_user_turns(tokenizer, prompts[start:start + batch_size], max_prompt_length, device)
         out = lm.generate(**enc, do_sample=False, max_new_tokens=max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
                           pad_token_id=tokenizer.pad_token_id, temperature=None, top_p=None, top_k=None)
         replies += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
@@ -71,11 +69,12 @@ def greedy_replies(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int, m
 def refusal_counts(prompt_classes: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
     """``(len(RATES), 2)`` float tensor: per rate, (replies refused, replies) of its class;
     a sum over processes gives the counts of the whole validation set."""
+    row_of = {cls: k for k, cls in enumerate(RATES.values())}
     counts = torch.zeros(len(RATES), 2, dtype=torch.float64)
     for cls, reply in zip(prompt_classes, replies):
-        for k, rate_class in enumerate(RATES.values()):
-            if cls == rate_class:
-                counts[k] += torch.tensor([float(is_refusal(reply)), 1.0], dtype=torch.float64)
+        if cls in row_of:
+            counts[row_of[cls], 0] += is_refusal(reply)
+            counts[row_of[cls], 1] += 1
     return counts
 
 
