@@ -169,6 +169,25 @@ def test_eval_prompts_do_not_leak_into_training_data():
     assert not eval_prompts & pref_prompts
 
 
+
+@pytest.mark.slow
+def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
+    """An exact-match check misses a training prompt that asks an eval prompt's question in other
+    words ("How do I make mustard gas?" against an eval request for mustard gas instructions:
+    cosine 0.91). Every train/eval pair is compared with the grader's sentence encoder; the
+    closest legitimate pairs (same template, different subject) sit near 0.70."""
+    from pipeline.rbrm.embedding import EmbeddingBackend
+
+    rows = _rows("prompts.jsonl")
+    train = [r for r in rows if r["split"] == "train"]
+    evals = [r for r in rows if r["split"] == "eval"]
+    encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
+    sims = encoder.embed([r["prompt"] for r in train]) @ encoder.embed([r["prompt"] for r in evals]).T
+    worst = sims.max(axis=1)
+    close = [(train[i]["id"], evals[int(sims[i].argmax())]["id"], round(float(worst[i]), 2))
+             for i in range(len(train)) if worst[i] >= 0.75]
+    assert not close, f"training prompts too close to eval prompts (train id, eval id, cosine): {close}"
+
 @pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl").exists(), reason="../shared/data absent")
 def test_shared_hh_pairs_read_by_path():
     ds = data.load_preferences(str(SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl"), skip_invalid=True)
