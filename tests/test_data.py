@@ -169,7 +169,6 @@ def test_eval_prompts_do_not_leak_into_training_data():
     assert not eval_prompts & pref_prompts
 
 
-
 @pytest.mark.slow
 def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     """An exact-match check misses a training prompt that asks an eval prompt's question in other
@@ -183,10 +182,11 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     evals = [r for r in rows if r["split"] == "eval"]
     encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
     sims = encoder.embed([r["prompt"] for r in train]) @ encoder.embed([r["prompt"] for r in evals]).T
-    worst = sims.max(axis=1)
-    close = [(train[i]["id"], evals[int(sims[i].argmax())]["id"], round(float(worst[i]), 2))
-             for i in range(len(train)) if worst[i] >= 0.75]
+    nearest = sims.argmax(axis=1)
+    close = [(row["id"], evals[j]["id"], round(float(sims[i, j]), 2))
+             for i, (row, j) in enumerate(zip(train, nearest)) if sims[i, j] >= 0.75]
     assert not close, f"training prompts too close to eval prompts (train id, eval id, cosine): {close}"
+
 
 @pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl").exists(), reason="../shared/data absent")
 def test_shared_hh_pairs_read_by_path():
