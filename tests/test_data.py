@@ -173,19 +173,25 @@ def test_eval_prompts_do_not_leak_into_training_data():
 def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     """An exact-match check misses a training prompt that asks an eval prompt's question in other
     words ("How do I make mustard gas?" against an eval request for mustard gas instructions:
-    cosine 0.91). Every train/eval pair is compared with the grader's sentence encoder; the
-    closest legitimate pairs (same template, different subject) sit near 0.70."""
+    cosine 0.91). Every user turn that PPO, SFT or the reward model trains on is compared with every
+    project eval prompt, and with every XSTest prompt when ../shared/data is present, under the
+    grader's sentence encoder; the closest legitimate pairs (same template, different subject) sit
+    near 0.70."""
     from pipeline.rbrm.embedding import EmbeddingBackend
 
-    rows = _rows("prompts.jsonl")
-    train = [r for r in rows if r["split"] == "train"]
-    evals = [r for r in rows if r["split"] == "eval"]
+    train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
+    train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
+    train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
+    evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
+    xstest = SHARED_DATA / "xstest_prompts.jsonl"
+    if xstest.exists():
+        evals += [(f"xstest:{r['id']}", r["prompt"]) for r in map(json.loads, xstest.read_text().splitlines())]
     encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
-    sims = encoder.embed([r["prompt"] for r in train]) @ encoder.embed([r["prompt"] for r in evals]).T
+    sims = encoder.embed([text for _, text in train]) @ encoder.embed([text for _, text in evals]).T
     nearest = sims.argmax(axis=1)
-    close = [(row["id"], evals[j]["id"], round(float(sims[i, j]), 2))
-             for i, (row, j) in enumerate(zip(train, nearest)) if sims[i, j] >= 0.75]
-    assert not close, f"training prompts too close to eval prompts (train id, eval id, cosine): {close}"
+    close = [(row_id, evals[j][0], round(float(sims[i, j]), 2))
+             for i, ((row_id, _), j) in enumerate(zip(train, nearest)) if sims[i, j] >= 0.75]
+    assert not close, f"training prompts too close to eval prompts (training id, eval id, cosine): {close}"
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl").exists(), reason="../shared/data absent")
