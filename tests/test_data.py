@@ -185,7 +185,8 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
     xstest = SHARED_DATA / "xstest_prompts.jsonl"
     if xstest.exists():
-        evals += [(f"xstest:{r['id']}", r["prompt"]) for r in map(json.loads, xstest.read_text().splitlines())]
+        lines = xstest.read_text(encoding="utf-8").splitlines()
+        evals += [(f"xstest:{r['id']}", r["prompt"]) for r in map(json.loads, filter(str.strip, lines))]
     encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
     sims = encoder.embed([text for _, text in train]) @ encoder.embed([text for _, text in evals]).T
     nearest = sims.argmax(axis=1)
