@@ -177,16 +177,16 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     project eval prompt, and with every XSTest prompt when ../shared/data is present, under the
     grader's sentence encoder; the closest legitimate pairs (same template, different subject) sit
     near 0.70."""
+    from pipeline.evaluate import load_prompt_set
     from pipeline.rbrm.embedding import EmbeddingBackend
 
     train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
     train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
     train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
-    xstest = SHARED_DATA / "xstest_prompts.jsonl"
-    if xstest.exists():
-        lines = xstest.read_text(encoding="utf-8").splitlines()
-        evals += [(f"xstest:{r['id']}", r["prompt"]) for r in map(json.loads, filter(str.strip, lines))]
+    xstest = load_prompt_set({"name": "xstest", "path": str(SHARED_DATA / "xstest_prompts.jsonl"),
+                              "format": "xstest", "optional": "true"})
+    evals += [(f"xstest:{r['id']}", r["prompt"]) for r in xstest or []]
     encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
     sims = encoder.embed([text for _, text in train]) @ encoder.embed([text for _, text in evals]).T
     nearest = sims.argmax(axis=1)
