@@ -82,6 +82,8 @@ class PPOConfig:
     mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
     ppo_epochs: int = field(2, help="passes over each step's responses")
     learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
+    lr_schedule: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at step 1 "
+                                              "towards 0 at the last step)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
     max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
@@ -169,6 +171,9 @@ class PPOConfig:
             raise ConfigError(f"key 'top_p': expected a number in (0, 1], got {self.top_p}")
         if self.kl_coef < 0:
             raise ConfigError(f"key 'kl_coef': expected a number >= 0, got {self.kl_coef}")
+        if self.lr_schedule not in ppo_math.LR_SCHEDULES:
+            raise ConfigError(f"key 'lr_schedule': expected one of {', '.join(ppo_math.LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
         if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
             raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
                               f"got {self.kl_estimator!r}")
@@ -810,6 +815,9 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         if cfg.whiten_advantages:
             all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
             advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=all_reduce)
+        lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.steps, cfg.lr_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle, amp)
 
         # Batch statistics, summed over processes so every process updates beta the same way.
@@ -831,6 +839,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         totals["responses"] += int(n_resp)
 
         metrics = {"step": step, "reward/score": mean_score, "objective/kl": mean_kl, "objective/kl_coef": beta,
+                   "optim/lr": lr,
                    "objective/rlhf_reward": mean_score - beta * mean_kl if n_scored else math.nan,
                    "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
                    "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,

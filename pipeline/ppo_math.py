@@ -366,6 +366,27 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
     return torch.gather(logp, -1, labels.unsqueeze(-1)).squeeze(-1)
 
 
+# --------------------------------------------------------------------------- learning rate
+
+LR_SCHEDULES = ("constant", "linear")
+
+
+def scheduled_lr(base: float, step: int, steps: int, schedule: str = "constant") -> float:
+    """The learning rate of PPO step ``step`` (1-based) of ``steps``.
+
+    ``linear`` anneals it from ``base`` at step 1 to ``base / steps`` at the last step, as the
+    PPO paper does (Schulman et al. 2017, Atari: Adam's step size times a factor annealed
+    linearly from 1 to 0). It depends on the step alone, so a resumed run needs no state for it.
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
+    if not 1 <= step <= steps:
+        raise ValueError(f"step {step} outside 1..{steps}")
+    if schedule == "constant":
+        return base
+    return base * (1.0 - (step - 1) / steps)
+
+
 # --------------------------------------------------------------------------- KL coefficient
 
 

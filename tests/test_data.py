@@ -139,9 +139,12 @@ def test_project_sft_data():
     rows = _rows("sft.jsonl")
     classes = Counter(r["prompt_class"] for r in rows)
     assert len(ds) >= 150 and set(classes) == {"harmful", "sensitive", "safe"}
-    for r in rows:
-        if r["prompt_class"] == "harmful":  # ideal refusals are brief
-            assert len(r["messages"][-1]["content"].split()) <= 60, r["id"]
+    refusals = [r["messages"][-1]["content"] for r in rows if r["prompt_class"] == "harmful"]
+    assert all(len(text.split()) <= 60 for text in refusals)  # ideal refusals are brief
+    # ...and open in several ways: one shared opening wins greedy decoding on safe prompts too
+    # (data/README.md, the response policy)
+    openings = Counter(text.split()[0].strip(",.").lower() for text in refusals)
+    assert max(openings.values()) <= len(refusals) / 3, openings.most_common(3)
 
 
 def test_project_prompts():

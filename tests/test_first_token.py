@@ -28,6 +28,12 @@ def test_refusal_token_ids_are_the_distinct_first_tokens(smollm2_dir):
     ids = refusal_token_ids(tok, ["I'm sorry, no.", "  I can't help.", "Sorry, I won't."])
     assert ids == sorted({tok("I", add_special_tokens=False).input_ids[0],
                           tok("Sorry", add_special_tokens=False).input_ids[0]})
+    # An opening used by under 5% of the refusals (a subject named first) is not a refusal signal.
+    replies = ["Sorry, I can't help with that."] * 10 + ["Unfortunately I can't, sorry."] * 10 + [
+        "Ransomware is something I can't write, sorry."]
+    assert refusal_token_ids(tok, replies) == sorted({tok("Sorry", add_special_tokens=False).input_ids[0],
+                                                      tok("Unfortunately", add_special_tokens=False).input_ids[0]})
+    assert len(refusal_token_ids(tok, replies, min_share=0.0)) == 3
 
 
 def test_batched_figures_match_each_prompt_alone(tiny_model_dir):

@@ -81,6 +81,11 @@ def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir
         _cfg(tmp_path, tiny_model_dir, batch_size=4, mini_batch_size=3)
 
 
+def test_config_rejects_unknown_lr_schedule(tmp_path, tiny_model_dir):
+    with pytest.raises(config_lib.ConfigError, match="'lr_schedule': expected one of constant, linear"):
+        _cfg(tmp_path, tiny_model_dir, lr_schedule="cosine")
+
+
 def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):
     cfg = _cfg(tmp_path, tiny_model_dir, max_new_tokens=6, **kw)
     tok = load_tokenizer(str(tiny_model_dir))
@@ -172,6 +177,7 @@ def test_unscored_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
     run = tmp_path / "run"
     assert summary["skipped"] == 4 and summary["responses"] == 8  # 2 steps x 2 NaN rows
     history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert [h["optim/lr"] for h in history] == [1e-3, 1e-3]  # lr_schedule: constant
     assert [h["rollout/skipped"] for h in history] == [2, 2]
     assert all(h["reward/flaky_nan"] == 2 for h in history)
     samples = [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]

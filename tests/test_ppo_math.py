@@ -26,6 +26,7 @@ from pipeline.ppo_math import (
     masked_whiten,
     per_token_rewards,
     policy_loss,
+    scheduled_lr,
     value_loss,
     whiten_and_clip_scores,
 )
@@ -316,6 +317,19 @@ def test_kl_controllers_state_dict_round_trip():
     other = FixedKLController(0.5)
     other.load_state_dict(fixed.state_dict())
     assert other.value == 0.1
+
+
+# --------------------------------------------------------------------------- learning rate
+
+
+def test_scheduled_lr_constant_and_linear_by_hand():
+    assert [scheduled_lr(0.4, s, 4) for s in (1, 2, 3, 4)] == [0.4] * 4
+    # linear: factor 1 - (step - 1) / steps, so 1, 3/4, 1/2, 1/4 of the base over 4 steps
+    assert [scheduled_lr(0.4, s, 4, "linear") for s in (1, 2, 3, 4)] == pytest.approx([0.4, 0.3, 0.2, 0.1])
+    with pytest.raises(ValueError, match="cosine"):
+        scheduled_lr(0.4, 1, 4, "cosine")
+    with pytest.raises(ValueError, match="outside"):
+        scheduled_lr(0.4, 5, 4, "linear")
 
 
 # --------------------------------------------------------------------------- score normalisation

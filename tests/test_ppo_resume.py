@@ -23,7 +23,8 @@ def _config(tmp_path, model, name, **kw):
         {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(6)])
     cfg = {"model": str(model), "prompts": str(prompts), "output_dir": str(tmp_path / name), "report_to": ["none"],
            "steps": 6, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 4,
-           "learning_rate": 1e-3, "save_every": 2, "adaptive_kl": True, "kl_target": 0.5, "kl_horizon": 100,
+           "learning_rate": 1e-3, "lr_schedule": "linear", "save_every": 2, "adaptive_kl": True, "kl_target": 0.5,
+           "kl_horizon": 100,
            # a running-normalised source, so the reward statistics must come back too
            "rewards": {"contains": {"text": "a", "reward": 1, "normalise": "running"}}, **kw}
     path = tmp_path / f"{name}.yaml"
@@ -71,10 +72,11 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
     ha, hb = _history(tmp_path / "straight"), _history(run)
     assert [h["step"] for h in hb] == list(range(1, 7))
     for x, y in zip(ha, hb):
-        for key in ("reward/score", "objective/kl", "objective/kl_coef", "loss/total"):
+        for key in ("reward/score", "objective/kl", "objective/kl_coef", "loss/total", "optim/lr"):
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     # the adaptive KL coefficient moved, so restoring it was tested, not assumed
     assert ha[-1]["objective/kl_coef"] != ha[0]["objective/kl_coef"]
+    assert [h["optim/lr"] for h in hb] == pytest.approx([1e-3 * (6 - k) / 6 for k in range(6)])  # annealed
     assert (run / "ppo_curves.png").stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["responses"] == 24

@@ -2,9 +2,10 @@
 
 Greedy decoding refuses whenever a refusal's opening token is the single most likely first
 token. Answers to a safe question open in many ways ("The", "Use", "Start", ...) and split
-their probability between them, while refusals open one way ("I'm sorry", "Sorry"), so a
-refusal can win with a small share of the probability: a fine-tuned SmolLM2-135M refused 20%
-of the project's safe prompts while giving refusing a mean probability of 4%. Two separate
+their probability between them. Refusals taught with one opening ("I'm sorry", "Sorry") put
+theirs on one or two tokens, so a refusal can win with a small share of the probability: a
+SmolLM2-135M fine-tuned on such refusals refused 20% of the project's safe prompts while giving
+refusing a mean probability of 4% (data/README.md says how the demonstrations now open). Two separate
 things decide the greedy refusal rate, and this report measures both per model and prompt
 class:
 
@@ -18,8 +19,10 @@ means the model learned which prompts to refuse.
     python -m pipeline.evaluation.first_token --models base=smollm2-135m-instruct sft=runs/sft \\
         --prompts data/prompts.jsonl --split eval
 
-The refusal openings are the first tokens of the harmful-class replies in the SFT data
-(``--sft data/sft.jsonl``), so they follow whatever refusal style the project teaches.
+The refusal openings are the first tokens that open at least 5% of the harmful-class replies
+in the SFT data (``--sft data/sft.jsonl``), so they follow whatever refusal style the project
+teaches. A refusal that names its subject first decides only later, so ``p_refuse`` is a lower
+bound for the model's readiness to refuse.
 """
 
 from __future__ import annotations
@@ -29,14 +32,18 @@ import json
 from typing import Any, Sequence
 
 
-def refusal_token_ids(tokenizer, replies: Sequence[str]) -> list[int]:
-    """The distinct first tokens of ``replies``."""
-    ids = set()
+def refusal_token_ids(tokenizer, replies: Sequence[str], min_share: float = 0.05) -> list[int]:
+    """The first tokens that open at least ``min_share`` of ``replies``.
+
+    A refusal that opens with its subject ("Ransomware is something I can't write, sorry.")
+    gives a one-off first token that opens answers just as well, so rare openings are left out.
+    """
+    counts: dict[int, int] = {}
     for text in replies:
         tokens = tokenizer(text.strip(), add_special_tokens=False).input_ids
         if tokens:
-            ids.add(tokens[0])
-    return sorted(ids)
+            counts[tokens[0]] = counts.get(tokens[0], 0) + 1
+    return sorted(t for t, n in counts.items() if n >= min_share * len(replies))
 
 
 def roc_auc(positives: Sequence[float], negatives: Sequence[float]) -> float:
