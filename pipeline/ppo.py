@@ -83,7 +83,7 @@ class PPOConfig:
     ppo_epochs: int = field(2, help="passes over each step's responses")
     learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
     lr_schedule: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at step 1 "
-                                              "towards 0 at the last step)")
+                                              "towards 0 at the last step; a resume that raises steps stretches it)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
     max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
@@ -530,7 +530,9 @@ def checkpoint_to_resume(cfg: PPOConfig, world_size: int) -> Optional[tuple[Path
         return None
     step, path = found[-1]
     meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
-    saved, now = meta.get("config", {}), _jsonable(config_lib.to_dict(cfg))
+    now = _jsonable(config_lib.to_dict(cfg))
+    # a key added to PPOConfig after the checkpoint was written held its default then
+    saved = {**_jsonable(config_lib.to_dict(PPOConfig())), **meta.get("config", {})}
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
               if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
     if differ:

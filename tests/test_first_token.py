@@ -21,7 +21,7 @@ def test_roc_auc_by_hand():
     assert roc_auc([], [0.2]) != roc_auc([], [0.2])  # NaN when a class is missing
 
 
-def test_refusal_token_ids_are_the_distinct_first_tokens(smollm2_dir):
+def test_refusal_token_ids_are_the_common_first_tokens(smollm2_dir):
     from pipeline.models import load_tokenizer
 
     tok = load_tokenizer(str(smollm2_dir))

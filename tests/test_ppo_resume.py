@@ -106,6 +106,17 @@ def test_resume_from_other_settings_names_each_difference(tmp_path):
     assert path.name == "step-2" and meta["step"] == 2
 
 
+def test_key_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, _cfg(tmp_path))
+    meta = json.loads((ckpt / ppo.STATE_FILE).read_text())
+    del meta["config"]["lr_schedule"]  # written before the key existed
+    (ckpt / ppo.STATE_FILE).write_text(json.dumps(meta))
+    path, _ = ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
+    assert path == ckpt
+    with pytest.raises(config_lib.ConfigError, match=r"lr_schedule: 'constant' -> 'linear'"):
+        ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_schedule="linear"), 1)
+
+
 def test_resume_with_another_process_count_is_refused(tmp_path):
     _fake_checkpoint(tmp_path, _cfg(tmp_path), world_size=2)
     with pytest.raises(config_lib.ConfigError, match="written by 2 process"):
