@@ -131,14 +131,16 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
                 raise config_lib.ConfigError(
                     f"output_dir '{out}' holds a finished {stage} run with different settings "
                     f"({', '.join(differ)}); nothing was changed. Use if_exists: overwrite or another folder.")
-            saved_inputs = info.get("inputs") or {}
+            saved_inputs = info.get("inputs")
             current_inputs = input_fingerprints(cfg)
-            changed = sorted(k for k in saved_inputs if k in current_inputs and saved_inputs[k] != current_inputs[k])
+            # an input that is there now and was not then (an optional prompt set added since) counts too
+            changed = sorted(k for k in current_inputs
+                             if saved_inputs is not None and saved_inputs.get(k) != current_inputs[k])
             if changed:
                 raise config_lib.ConfigError(
                     f"output_dir '{out}' holds a finished {stage} run made from other contents of "
-                    f"{', '.join(changed)} (edited, or that run was redone since); nothing was changed. "
-                    "Use if_exists: overwrite to train on what is there now, or another folder.")
+                    f"{', '.join(changed)} (edited, added, or that run was redone since); nothing was changed. "
+                    "Use if_exists: overwrite to run on what is there now, or another folder.")
             barrier()
             return True
         if if_exists != "overwrite":

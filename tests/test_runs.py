@@ -78,6 +78,19 @@ def test_reuse_notices_edited_data_and_a_redone_upstream_run(tmp_path):
         runs.prepare(out, "sft", cfg, "reuse")
 
 
+def test_reuse_notices_an_input_that_appeared(tmp_path):
+    # e.g. an optional prompt set whose file was absent when the finished run was made
+    later = tmp_path / "later.jsonl"
+    cfg = _cfg(tmp_path, data=str(later))
+    out = tmp_path / "out"
+    runs.prepare(out, "sft", cfg, "error")
+    runs.write_run(out, "sft", status="complete")
+    assert runs.prepare(out, "sft", cfg, "reuse") is True
+    later.write_text('{"prompt": "a", "response": "b"}\n')
+    with pytest.raises(ConfigError, match=rf"other contents of {later} \(edited, added"):
+        runs.prepare(out, "sft", cfg, "reuse")
+
+
 def test_fingerprints_skip_what_a_run_writes(tmp_path):
     cfg = _cfg(tmp_path, data=str(tmp_path / "missing.jsonl"))
     (tmp_path / "out").mkdir()
