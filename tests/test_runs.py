@@ -54,6 +54,15 @@ def test_publish_replaces_in_one_rename(tmp_path):
     assert not staging.exists() and not (tmp_path / "model.previous").exists()
 
 
+def _finished_run(tmp_path, cfg):
+    """A finished sft run of ``cfg`` in tmp_path/out, reusable as it stands."""
+    out = tmp_path / "out"
+    runs.prepare(out, "sft", cfg, "error")
+    runs.write_run(out, "sft", status="complete")
+    assert runs.prepare(out, "sft", cfg, "reuse") is True
+    return out
+
+
 def test_reuse_notices_edited_data_and_a_redone_upstream_run(tmp_path):
     data = tmp_path / "sft.jsonl"
     data.write_text('{"prompt": "a", "response": "b"}\n')
@@ -61,10 +70,7 @@ def test_reuse_notices_edited_data_and_a_redone_upstream_run(tmp_path):
     upstream.mkdir()
     runs.write_run(upstream, "sft", status="complete", finished_at=1)
     cfg = _cfg(tmp_path, data=str(data), model=str(upstream))
-    out = tmp_path / "out"
-    runs.prepare(out, "sft", cfg, "error")
-    runs.write_run(out, "sft", status="complete")
-    assert runs.prepare(out, "sft", cfg, "reuse") is True
+    out = _finished_run(tmp_path, cfg)
 
     data.write_text('{"prompt": "a", "response": "c"}\n')
     with pytest.raises(ConfigError, match=rf"other contents of {data}.*nothing was changed"):
@@ -82,10 +88,7 @@ def test_reuse_notices_an_input_that_appeared(tmp_path):
     # e.g. an optional prompt set whose file was absent when the finished run was made
     later = tmp_path / "later.jsonl"
     cfg = _cfg(tmp_path, data=str(later))
-    out = tmp_path / "out"
-    runs.prepare(out, "sft", cfg, "error")
-    runs.write_run(out, "sft", status="complete")
-    assert runs.prepare(out, "sft", cfg, "reuse") is True
+    out = _finished_run(tmp_path, cfg)
     later.write_text('{"prompt": "a", "response": "b"}\n')
     with pytest.raises(ConfigError, match=rf"other contents of {later} \(edited, added"):
         runs.prepare(out, "sft", cfg, "reuse")
