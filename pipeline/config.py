@@ -174,6 +174,12 @@ def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+def with_defaults(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
+    """A config an earlier run saved, with each key added to ``cls`` since then at its default
+    (what that run used), so comparing it with a new config names real differences only."""
+    return {**to_dict(cls()), **saved}
+
+
 def save(cfg: Any, path: str | Path) -> None:
     """Write the resolved config as YAML (what ``--config`` reads back)."""
     path = Path(path)

@@ -530,9 +530,8 @@ def checkpoint_to_resume(cfg: PPOConfig, world_size: int) -> Optional[tuple[Path
         return None
     step, path = found[-1]
     meta = json.loads((path / STATE_FILE).read_text(encoding="utf-8"))
+    saved = _jsonable(config_lib.with_defaults(PPOConfig, meta.get("config", {})))
     now = _jsonable(config_lib.to_dict(cfg))
-    # a key added to PPOConfig after the checkpoint was written held its default then
-    saved = {**_jsonable(config_lib.to_dict(PPOConfig())), **meta.get("config", {})}
     differ = [f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in sorted(set(saved) | set(now))
               if k not in RESUME_FREE_KEYS and saved.get(k) != now.get(k)]
     if differ:

@@ -124,7 +124,8 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
             "Choose another folder.")
     elif info.get("status") == "complete":
         if if_exists == "reuse":
-            saved = config_lib.load_yaml(out / "config.yaml") if (out / "config.yaml").is_file() else {}
+            saved = (config_lib.with_defaults(type(cfg), config_lib.load_yaml(out / "config.yaml"))
+                     if (out / "config.yaml").is_file() else {})
             current = config_lib.to_dict(cfg)
             differ = sorted(k for k in current if k != "if_exists" and saved.get(k) != current[k])
             if differ:
@@ -134,8 +135,8 @@ def prepare(output_dir: str | os.PathLike, stage: str, cfg: Any, if_exists: str,
             saved_inputs = info.get("inputs")
             current_inputs = input_fingerprints(cfg)
             # an input that is there now and was not then (an optional prompt set added since) counts too
-            changed = sorted(k for k in current_inputs
-                             if saved_inputs is not None and saved_inputs.get(k) != current_inputs[k])
+            changed = [] if saved_inputs is None else sorted(
+                k for k, v in current_inputs.items() if saved_inputs.get(k) != v)
             if changed:
                 raise config_lib.ConfigError(
                     f"output_dir '{out}' holds a finished {stage} run made from other contents of "

@@ -94,6 +94,18 @@ def test_reuse_notices_an_input_that_appeared(tmp_path):
         runs.prepare(out, "sft", cfg, "reuse")
 
 
+def test_reuse_takes_a_key_missing_from_an_older_run_as_its_default(tmp_path):
+    import yaml
+
+    out = _finished_run(tmp_path, _cfg(tmp_path))
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    del saved["max_steps"]  # written before the key existed
+    (out / "config.yaml").write_text(yaml.safe_dump(saved))
+    assert runs.prepare(out, "sft", _cfg(tmp_path), "reuse") is True
+    with pytest.raises(ConfigError, match=r"different settings \(max_steps\)"):
+        runs.prepare(out, "sft", _cfg(tmp_path, max_steps=99), "reuse")
+
+
 def test_fingerprints_skip_what_a_run_writes(tmp_path):
     cfg = _cfg(tmp_path, data=str(tmp_path / "missing.jsonl"))
     (tmp_path / "out").mkdir()
