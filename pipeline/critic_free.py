@@ -114,6 +114,7 @@ def trl_args(cfg: PPOConfig):
         num_iterations=1,
         learning_rate=cfg.learning_rate,
         lr_scheduler_type=cfg.lr_schedule,  # TRL anneals per optimizer step, ours per PPO step
+        warmup_steps=cfg.lr_warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=max(cfg.max_grad_norm, 0.0),  # 0: the Trainer does not clip
         max_completion_length=cfg.max_new_tokens,

@@ -84,6 +84,8 @@ class PPOConfig:
     learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
     lr_schedule: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at step 1 "
                                               "towards 0 at the last step; a resume that raises steps stretches it)")
+    lr_warmup_steps: int = field(0, help="raise the learning rate linearly over the first this many PPO steps "
+                                         "(Adam's first updates are the largest; see ppo_math.scheduled_lr)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
     max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
@@ -143,6 +145,8 @@ class PPOConfig:
             raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
         if self.save_every < 0:
             raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"key 'lr_warmup_steps': expected 0 (none) or a positive integer, got {self.lr_warmup_steps}")
         if not 0 <= self.class_baseline_decay < 1:
             raise ConfigError(f"key 'class_baseline_decay': expected a number in [0, 1), got {self.class_baseline_decay}")
         if not 0 <= self.val_fraction < 1:
@@ -816,7 +820,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         if cfg.whiten_advantages:
             all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
             advantages = ppo_math.masked_whiten(advantages, mask, all_reduce=all_reduce)
-        lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.steps, cfg.lr_schedule)
+        lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup_steps)
         for group in optimizer.param_groups:
             group["lr"] = lr
         loss_stats = ppo_update(model, optimizer, accelerator, ro, mask, advantages, returns, cfg, shuffle, amp)

@@ -371,20 +371,25 @@ def logprobs_from_logits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Te
 LR_SCHEDULES = ("constant", "linear")
 
 
-def scheduled_lr(base: float, step: int, steps: int, schedule: str = "constant") -> float:
+def scheduled_lr(base: float, step: int, steps: int, schedule: str = "constant", warmup: int = 0) -> float:
     """The learning rate of PPO step ``step`` (1-based) of ``steps``.
 
     ``linear`` anneals it from ``base`` at step 1 to ``base / steps`` at the last step, as the
     PPO paper does (Schulman et al. 2017, Atari: Adam's step size times a factor annealed
-    linearly from 1 to 0). It depends on the step alone, so a resumed run needs no state for it.
+    linearly from 1 to 0). ``warmup`` > 0 also scales the first ``warmup`` steps by
+    ``step / warmup``. Adam's first updates move every weight by about the full learning rate
+    whatever the gradient's size (its second-moment estimate rests on one or two mini-batches),
+    so without a warmup PPO's first step changed the policy ten times as much as the later
+    ones. It depends on the step alone, so a resumed run needs no state for it.
     """
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"learning-rate schedule {schedule!r}: expected one of {', '.join(LR_SCHEDULES)}")
     if not 1 <= step <= steps:
         raise ValueError(f"step {step} outside 1..{steps}")
-    if schedule == "constant":
-        return base
-    return base * (1.0 - (step - 1) / steps)
+    if warmup < 0:
+        raise ValueError(f"warmup {warmup}: expected a number of steps >= 0")
+    lr = base if schedule == "constant" else base * (1.0 - (step - 1) / steps)
+    return lr * min(1.0, step / warmup) if warmup else lr
 
 
 # --------------------------------------------------------------------------- KL coefficient

@@ -84,6 +84,8 @@ def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir
 def test_config_rejects_unknown_lr_schedule(tmp_path, tiny_model_dir):
     with pytest.raises(config_lib.ConfigError, match="'lr_schedule': expected one of constant, linear"):
         _cfg(tmp_path, tiny_model_dir, lr_schedule="cosine")
+    with pytest.raises(config_lib.ConfigError, match="'lr_warmup_steps': expected 0"):
+        _cfg(tmp_path, tiny_model_dir, lr_warmup_steps=-1)
 
 
 def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):

@@ -332,6 +332,15 @@ def test_scheduled_lr_constant_and_linear_by_hand():
         scheduled_lr(0.4, 5, 4, "linear")
 
 
+def test_scheduled_lr_warmup_scales_the_first_steps_only():
+    # warmup 2: step 1 at half the rate, then the schedule itself
+    assert [scheduled_lr(0.4, s, 4, warmup=2) for s in (1, 2, 3, 4)] == pytest.approx([0.2, 0.4, 0.4, 0.4])
+    assert [scheduled_lr(0.4, s, 4, "linear", warmup=3) for s in (1, 2, 3, 4)] == pytest.approx(
+        [0.4 / 3, 0.3 * 2 / 3, 0.2, 0.1])
+    with pytest.raises(ValueError, match="warmup -1"):
+        scheduled_lr(0.4, 1, 4, warmup=-1)
+
+
 # --------------------------------------------------------------------------- score normalisation
 
 

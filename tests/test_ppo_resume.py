@@ -23,8 +23,8 @@ def _config(tmp_path, model, name, **kw):
         {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(6)])
     cfg = {"model": str(model), "prompts": str(prompts), "output_dir": str(tmp_path / name), "report_to": ["none"],
            "steps": 6, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 4,
-           "learning_rate": 1e-3, "lr_schedule": "linear", "save_every": 2, "adaptive_kl": True, "kl_target": 0.5,
-           "kl_horizon": 100,
+           "learning_rate": 1e-3, "lr_schedule": "linear", "lr_warmup_steps": 2, "save_every": 2, "adaptive_kl": True,
+           "kl_target": 0.5, "kl_horizon": 100,
            # a running-normalised source, so the reward statistics must come back too
            "rewards": {"contains": {"text": "a", "reward": 1, "normalise": "running"}}, **kw}
     path = tmp_path / f"{name}.yaml"
@@ -76,7 +76,8 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
             assert x[key] == pytest.approx(y[key], abs=1e-6), (x["step"], key)
     # the adaptive KL coefficient moved, so restoring it was tested, not assumed
     assert ha[-1]["objective/kl_coef"] != ha[0]["objective/kl_coef"]
-    assert [h["optim/lr"] for h in hb] == pytest.approx([1e-3 * (6 - k) / 6 for k in range(6)])  # annealed
+    # warmed up over 2 steps, then annealed
+    assert [h["optim/lr"] for h in hb] == pytest.approx([1e-3 * (6 - k) / 6 * min(1, (k + 1) / 2) for k in range(6)])
     assert (run / "ppo_curves.png").stat().st_size > 1000
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["steps"] == 6 and metrics["responses"] == 24
