@@ -379,7 +379,7 @@ def scheduled_lr(base: float, step: int, steps: int, schedule: str = "constant",
     linearly from 1 to 0). ``warmup`` > 0 also scales the first ``warmup`` steps by
     ``step / warmup``. Adam's first updates move every weight by about the full learning rate
     whatever the gradient's size (its second-moment estimate rests on one or two mini-batches),
-    so without a warmup PPO's first step changed the policy ten times as much as the later
+    so without a warmup PPO's first step changed the policy about 16 times as much as the later
     ones. It depends on the step alone, so a resumed run needs no state for it.
     """
     if schedule not in LR_SCHEDULES:
