@@ -81,7 +81,7 @@ def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir
         _cfg(tmp_path, tiny_model_dir, batch_size=4, mini_batch_size=3)
 
 
-def test_config_rejects_unknown_lr_schedule(tmp_path, tiny_model_dir):
+def test_config_rejects_unknown_lr_schedule_and_negative_warmup(tmp_path, tiny_model_dir):
     with pytest.raises(config_lib.ConfigError, match="'lr_schedule': expected one of constant, linear"):
         _cfg(tmp_path, tiny_model_dir, lr_schedule="cosine")
     with pytest.raises(config_lib.ConfigError, match="'lr_warmup_steps': expected 0"):
