@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
-import json
 import sys
 import types
 import typing
@@ -80,7 +79,9 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
         if origin is list:
             (item_tp,) = typing.get_args(base) or (str,)
             if isinstance(value, str) and value.strip().startswith("["):
-                value = json.loads(value)  # command-line form for lists of mappings: a JSON list
+                # command-line form for lists of mappings: a YAML flow list (JSON is one too),
+                # as the list would be written in a config file
+                value = yaml.safe_load(value)
             elif isinstance(value, str):
                 value = [v for v in value.split(",") if v.strip()] if value.strip() else []
             if not isinstance(value, list):
@@ -91,7 +92,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                 # command-line form: key=value,key2=value2 (or a JSON object)
                 value = value.strip()
                 if value.startswith("{"):
-                    value = json.loads(value)
+                    value = yaml.safe_load(value)
                 else:
                     pairs = [p for p in value.split(",") if p.strip()]
                     if any("=" not in p for p in pairs):
@@ -100,7 +101,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             if not isinstance(value, dict):
                 raise ValueError
             return {str(k).strip(): str(v).strip() for k, v in value.items()}
-    except (ValueError, TypeError, json.JSONDecodeError):
+    except (ValueError, TypeError, yaml.YAMLError):
         raise ConfigError(f"{where}: expected {_type_name(base)}, got {value!r}") from None
     return value
 

@@ -62,8 +62,8 @@ from pipeline.training import Timer, process_state
 # grpo/rloo prints a note naming it.
 PPO_ONLY = ("mini_batch_size", "ppo_epochs", "max_prompt_length", "kl_estimator", "kl_target", "kl_horizon",
             "gamma", "lam", "clip_range_value", "vf_coef", "whiten_advantages", "critic", "log_every",
-            "class_baseline", "class_baseline_decay", "val_fraction", "val_every", "val_max_new_tokens",
-            "val_batch_size", "select", "max_over_refusal")
+            "class_baseline", "class_baseline_decay", "responses_per_prompt", "val_fraction", "val_every",
+            "val_max_new_tokens", "val_batch_size", "select", "max_over_refusal")
 
 # TRL's log keys -> the names PPO's history uses, so runs of either kind read alike.
 HISTORY_NAMES = {"reward": "reward/score", "reward_std": "reward/std", "kl": "objective/kl",

@@ -78,7 +78,10 @@ class PPOConfig:
     algo: str = field("ppo", help="ppo (ours, with a critic) | grpo | rloo (TRL's critic-free trainers on the same rewards)")
     num_generations: int = field(4, help="grpo/rloo: responses sampled per prompt (the group a baseline is taken over)")
     steps: int = field(20, help="PPO steps; each samples batch_size responses per process, then updates")
-    batch_size: int = field(4, help="prompts (= responses) per step, per process")
+    batch_size: int = field(4, help="responses per step, per process (batch_size / responses_per_prompt prompts)")
+    responses_per_prompt: int = field(1, help="ppo: responses sampled for each prompt of a step; > 1 centres each "
+                                              "score on the mean of the other responses to its prompt (RLOO's "
+                                              "baseline, ppo_math.leave_one_out_centre) in place of class_baseline")
     mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
     ppo_epochs: int = field(2, help="passes over each step's responses")
     learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
@@ -103,7 +106,8 @@ class PPOConfig:
     clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
     vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
     class_baseline: bool = field(True, help="subtract from each score a moving average of its prompt class's scores "
-                                            "(a baseline per class; see ppo_math.ClassBaseline)")
+                                            "(a baseline per class; see ppo_math.ClassBaseline); used when "
+                                            "responses_per_prompt is 1")
     class_baseline_decay: float = field(0.9, help="class_baseline: weight of the old average at each step")
     whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
@@ -165,6 +169,13 @@ class PPOConfig:
         if resume not in ("true", "false", "auto"):
             raise ConfigError(f"key 'resume': expected true, false or auto, got {self.resume!r}")
         self.resume = {"true": True, "false": False}.get(resume, "auto")
+        if self.responses_per_prompt < 1:
+            raise ConfigError(f"key 'responses_per_prompt': expected a positive integer, "
+                              f"got {self.responses_per_prompt}")
+        if self.batch_size % self.responses_per_prompt:
+            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'responses_per_prompt' "
+                              f"({self.responses_per_prompt}): batch_size counts responses, so it must be a multiple "
+                              "of responses_per_prompt")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'mini_batch_size' ({self.mini_batch_size}): "
                               "mini_batch_size must divide batch_size")
@@ -312,7 +323,7 @@ def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tu
 @torch.no_grad()
 def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer, prompts: list[str],
             prompt_classes: list[str], cfg: PPOConfig) -> Rollout:
-    """Sample one response per prompt and record log-probs, reference log-probs and values.
+    """Sample one response per entry of ``prompts`` and record log-probs, reference log-probs and values.
 
     ``policy`` is the unwrapped policy; ``ref_lm`` the frozen reference, or None to use the
     policy's LM with its LoRA adapters disabled. Prompts are rendered with the chat template
@@ -717,22 +728,30 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     if trackers:
         accelerator.init_trackers("logs", config={k: v for k, v in config_lib.to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    baseline = ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline else None
+    per_prompt = cfg.responses_per_prompt
+    baseline = (ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline and per_prompt == 1
+                else None)
     kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo_math.FixedKLController(cfg.kl_coef))
     # Sampling differs per process; the shuffle generator is per process too (different data).
     set_seed(cfg.seed + accelerator.process_index)
     shuffle = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
-    per_step = cfg.batch_size * accelerator.num_processes
-    schedule = PromptSchedule(len(ds), per_step, cfg.seed, groups=ds["prompt_class"])
+    prompts_per_process = cfg.batch_size // per_prompt
+    schedule = PromptSchedule(len(ds), prompts_per_process * accelerator.num_processes, cfg.seed,
+                              groups=ds["prompt_class"])
     world = accelerator.num_processes
     if world > 1 and hasattr(composer, "gather"):
         # reward normalisation statistics over every process's responses, not just this one's
         composer.gather = lambda a: accelerator.gather(
             torch.as_tensor(a, dtype=torch.float64, device=accelerator.device)).cpu().numpy()
-    rank_slice = slice(accelerator.process_index * cfg.batch_size, (accelerator.process_index + 1) * cfg.batch_size)
+    rank_slice = slice(accelerator.process_index * prompts_per_process,
+                       (accelerator.process_index + 1) * prompts_per_process)
     if is_main:
-        print(f"ppo: {len(ds)} training prompts, {per_step} responses per step over {accelerator.num_processes} "
+        per_step = cfg.batch_size * accelerator.num_processes
+        drawn = f"{per_step // per_prompt} prompts x {per_prompt} responses"
+        if per_prompt == 1:
+            drawn = f"{per_step} responses"
+        print(f"ppo: {len(ds)} training prompts, {drawn} per step over {accelerator.num_processes} "
               f"process(es), {cfg.batch_size // cfg.mini_batch_size * cfg.ppo_epochs} updates per step",
               file=sys.stderr)
 
@@ -798,7 +817,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         validate(0)   # the starting model: the baseline, and a candidate
     for step in bar:
         step_start = time.perf_counter()
-        rows = ds.select(schedule.next()[rank_slice])
+        # a prompt's responses sit next to each other: leave_one_out_centre relies on it
+        rows = ds.select([i for i in schedule.next()[rank_slice] for _ in range(per_prompt)])
         with amp():
             ro = rollout(unwrapped, ref_lm, tokenizer, rows["prompt"], rows["prompt_class"], cfg)
         rollout_done = time.perf_counter()
@@ -810,7 +830,9 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         mask = ro.response_mask * scored[:, None].long()                                # (B, T)
         score = torch.where(scored, score, torch.zeros_like(score))
         raw_score = score
-        if baseline is not None:
+        if per_prompt > 1:
+            score = ppo_math.leave_one_out_centre(score, scored, per_prompt)
+        elif baseline is not None:
             score = baseline(score, ro.prompt_classes, scored, all_reduce=(
                 (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None))
         reward_done = time.perf_counter()

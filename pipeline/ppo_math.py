@@ -548,6 +548,32 @@ class ClassBaseline:
         self.mean = {str(k): float(v) for k, v in state["mean"].items()}
 
 
+def leave_one_out_centre(score: torch.Tensor, scored: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Centre each score on the mean score of the other responses to the same prompt.
+
+    This is RLOO's baseline (Ahmadian et al. 2024; Kool et al. 2019): the batch holds
+    ``group_size`` responses per prompt, next to each other, and each response is judged
+    against its siblings, so the baseline is unbiased (it never sees the response itself)
+    and specific to the prompt. A prompt whose responses all score alike gives ~0 to every
+    one of them; only prompts where sampling went both ways (refused once, answered once)
+    push the policy, and they push it on that prompt's side of the refusal line. A class
+    baseline (:class:`ClassBaseline`) cannot tell a safe prompt the policy nearly always
+    answers from one it nearly always refuses; this one can.
+
+    ``(B,)`` scores and ``scored`` flags -> ``(B,)`` centred scores. Unscored rows stay as
+    they are and are left out of their siblings' baseline; a scored row with no scored
+    sibling gets 0 (there is nothing to compare it with).
+    """
+    if group_size < 1 or score.shape[0] % group_size:
+        raise ValueError(f"{score.shape[0]} scores do not split into groups of {group_size}")
+    s = torch.where(scored, score, torch.zeros_like(score)).view(-1, group_size)
+    m = scored.view(-1, group_size).to(score.dtype)
+    others_sum = s.sum(1, keepdim=True) - s
+    others_n = m.sum(1, keepdim=True) - m
+    centred = torch.where(others_n > 0, s - others_sum / others_n.clamp(min=1), torch.zeros_like(s))
+    return torch.where(scored, centred.reshape(-1), score)
+
+
 def whiten_and_clip_scores(
     scores: torch.Tensor, clip: Optional[float] = None, running: Optional[RunningMoments] = None,
     pool: Optional[torch.Tensor] = None,

@@ -63,6 +63,15 @@ def test_wrong_types_name_the_key(tmp_path, yaml_text, key, expected):
     assert f"key '{key}'" in str(e.value) and expected in str(e.value) and str(path) in str(e.value)
 
 
+def test_cli_lists_and_mappings_take_yaml_flow_or_json():
+    cfg = config_lib.parse(Toy, ["--tags", "[base=x, sft=runs/sft]", "--fields", "{prompt: question}"], "p", "d")
+    assert cfg.tags == ["base=x", "sft=runs/sft"] and cfg.fields == {"prompt": "question"}
+    cfg = config_lib.parse(Toy, ["--tags", '["a", "b"]', "--fields", '{"chosen": "good"}'], "p", "d")
+    assert cfg.tags == ["a", "b"] and cfg.fields == {"chosen": "good"}
+    with pytest.raises(ConfigError, match="key 'tags'.*a list"):
+        config_lib.coerce("[a, b", list[str], "key 'tags'")
+
+
 def test_bad_cli_value_names_the_flag():
     with pytest.raises(SystemExit):
         config_lib.parse(Toy, ["--steps", "many"], "p", "d")

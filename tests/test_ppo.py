@@ -88,6 +88,41 @@ def test_config_rejects_unknown_lr_schedule_and_negative_warmup(tmp_path, tiny_m
         _cfg(tmp_path, tiny_model_dir, lr_warmup_steps=-1)
 
 
+def test_config_rejects_batch_that_does_not_split_into_groups(tmp_path, tiny_model_dir):
+    with pytest.raises(config_lib.ConfigError, match="'responses_per_prompt' \\(3\\).*multiple"):
+        _cfg(tmp_path, tiny_model_dir, batch_size=4, responses_per_prompt=3)
+    with pytest.raises(config_lib.ConfigError, match="'responses_per_prompt': expected a positive integer"):
+        _cfg(tmp_path, tiny_model_dir, responses_per_prompt=0)
+
+
+def test_several_responses_per_prompt_are_centred_on_their_siblings(tmp_path, tiny_model_dir, monkeypatch):
+    calls = []
+    real = ppo.ppo_math.leave_one_out_centre
+
+    def spy(score, scored, group_size):
+        out = real(score, scored, group_size)
+        calls.append((score.clone(), out.clone(), group_size))
+        return out
+
+    monkeypatch.setattr(ppo.ppo_math, "leave_one_out_centre", spy)
+    prompts = _prompts_file(tmp_path, n=6)
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), steps=3, batch_size=4, responses_per_prompt=2,
+               sample_every=1, max_new_tokens=6, rewards={"contains": {"text": "e", "reward": 1}})
+    summary = ppo.main(cfg)
+    assert summary["responses"] == 12
+    samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
+    for step in (1, 2, 3):
+        rows = [s["prompt"] for s in samples if s["step"] == step]
+        # two prompts a step, each answered twice, side by side
+        assert len(rows) == 4 and rows[0] == rows[1] and rows[2] == rows[3] and rows[0] != rows[2]
+    # the three steps draw each of the 6 training prompts once (one epoch of the schedule)
+    assert len({s["prompt"] for s in samples}) == 6
+    assert [k for _, _, k in calls] == [2, 2, 2]
+    for score, out, _ in calls:   # the class baseline is off: only the siblings' scores are subtracted
+        pairs = score.view(-1, 2)
+        assert torch.allclose(out.view(-1, 2), torch.stack([pairs[:, 0] - pairs[:, 1], pairs[:, 1] - pairs[:, 0]], 1))
+
+
 def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):
     cfg = _cfg(tmp_path, tiny_model_dir, max_new_tokens=6, **kw)
     tok = load_tokenizer(str(tiny_model_dir))

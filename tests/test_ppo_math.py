@@ -20,6 +20,7 @@ from pipeline.ppo_math import (
     RunningMoments,
     gae,
     kl_estimate,
+    leave_one_out_centre,
     logprobs_from_logits,
     masked_mean,
     masked_var,
@@ -403,3 +404,20 @@ def test_class_baseline_centres_each_class_on_its_own_average():
     other = torch.tensor([[3.0, 0.0], [1.0, 0.0]], dtype=torch.float64)
     base(T([0.0]), ["harmful"], torch.tensor([True]), all_reduce=lambda sums: sums + other)
     assert base.mean["harmful"] == pytest.approx(0.5 * 0.4 + 0.5 * 1.5)
+
+
+def test_leave_one_out_centre_by_hand():
+    # two prompts x two responses: each response against its sibling
+    close(leave_one_out_centre(T([1.0, 3.0, 2.0, 2.0]), torch.ones(4, dtype=torch.bool), 2), [-2.0, 2.0, 0.0, 0.0])
+    # one prompt x four responses: 1 - (3 + 2 + 2) / 3, 3 - 5 / 3, 2 - 2, 2 - 2
+    close(leave_one_out_centre(T([1.0, 3.0, 2.0, 2.0]), torch.ones(4, dtype=torch.bool), 4),
+          [-4 / 3, 4 / 3, 0.0, 0.0])
+    # an unscored response (its score is a placeholder) stays as it is and is not anyone's baseline;
+    # a scored response whose only sibling is unscored has nothing to compare with and gets 0
+    scored = torch.tensor([True, True, False, True, False, True])
+    out = leave_one_out_centre(T([1.0, 4.0, 99.0, 5.0, 7.0, 2.0]), scored, 3)
+    close(out, [1.0 - 4.0, 4.0 - 1.0, 99.0, 5.0 - 2.0, 7.0, 2.0 - 5.0])
+    lone = leave_one_out_centre(T([3.0, 0.0]), torch.tensor([True, False]), 2)
+    close(lone, [0.0, 0.0])
+    with pytest.raises(ValueError, match="groups of 4"):
+        leave_one_out_centre(T([1.0, 2.0, 3.0]), torch.ones(3, dtype=torch.bool), 4)
