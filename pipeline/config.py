@@ -89,7 +89,7 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
             return [coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
         if origin is dict:
             if isinstance(value, str):
-                # command-line form: key=value,key2=value2 (or a JSON object)
+                # command-line form: key=value,key2=value2 (or a YAML flow mapping / JSON object)
                 value = value.strip()
                 if value.startswith("{"):
                     value = yaml.safe_load(value)

@@ -47,6 +47,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
 import torch
+import yaml
 from torch import nn
 
 from pipeline import config as config_lib
@@ -199,11 +200,11 @@ class PPOConfig:
                               f"got {self.num_generations}")
         if self.critic not in CRITICS:
             raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
-        if isinstance(self.rewards, str):  # from the command line: a JSON object
+        if isinstance(self.rewards, str):  # from the command line: a YAML flow mapping or a JSON object
             try:
-                self.rewards = json.loads(self.rewards)
-            except json.JSONDecodeError:
-                raise ConfigError(f"key 'rewards': expected a JSON object of reward sources, got {self.rewards!r}") from None
+                self.rewards = yaml.safe_load(self.rewards)
+            except yaml.YAMLError:
+                raise ConfigError(f"key 'rewards': expected a mapping of reward sources, got {self.rewards!r}") from None
         if not isinstance(self.rewards, dict) or not self.rewards:
             raise ConfigError(f"key 'rewards': expected a non-empty mapping of reward sources, got {self.rewards!r}")
 

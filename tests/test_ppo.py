@@ -88,6 +88,16 @@ def test_config_rejects_unknown_lr_schedule_and_negative_warmup(tmp_path, tiny_m
         _cfg(tmp_path, tiny_model_dir, lr_warmup_steps=-1)
 
 
+def test_rewards_from_the_command_line_take_yaml_flow_or_json(tmp_path, tiny_model_dir):
+    want = {"contains": {"text": "a", "reward": 1}}
+    assert _cfg(tmp_path, tiny_model_dir, rewards="{contains: {text: a, reward: 1}}").rewards == want
+    assert _cfg(tmp_path, tiny_model_dir, rewards='{"contains": {"text": "a", "reward": 1}}').rewards == want
+    with pytest.raises(config_lib.ConfigError, match="'rewards': expected a mapping of reward sources"):
+        _cfg(tmp_path, tiny_model_dir, rewards="{contains: ")
+    with pytest.raises(config_lib.ConfigError, match="'rewards': expected a non-empty mapping"):
+        _cfg(tmp_path, tiny_model_dir, rewards="[rm, rbrm]")
+
+
 def test_config_rejects_batch_that_does_not_split_into_groups(tmp_path, tiny_model_dir):
     with pytest.raises(config_lib.ConfigError, match="'responses_per_prompt' \\(3\\).*multiple"):
         _cfg(tmp_path, tiny_model_dir, batch_size=4, responses_per_prompt=3)
