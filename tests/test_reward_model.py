@@ -7,6 +7,7 @@ import torch
 from conftest import write_jsonl
 from pipeline import config as config_lib
 from pipeline import reward_model
+from pipeline.data import load_preferences
 
 TOPICS = ["cats", "rain", "trains", "bread", "stars", "chess", "rivers", "music", "paint", "tea",
           "snow", "clocks", "maps", "bees", "glass", "wind", "salt", "kites", "ink", "moss"]
@@ -46,6 +47,19 @@ def test_rm_learns_a_separable_toy_set(tmp_path, tiny_model_dir, prefer_warm):
     assert saved["eval_accuracy"] == metrics["eval_accuracy"]
     info = json.loads((tmp_path / "rm" / "run.json").read_text())
     assert info["status"] == "complete" and info["stage"] == "reward_model"
+
+
+def test_fresh_score_head_depends_on_the_seed_only(tmp_path, tiny_model_dir):
+    data = write_jsonl(tmp_path / "pairs.jsonl", toy_pairs(4, seed=0))
+    ds = load_preferences(str(data))
+    heads = []
+    for seed, noise in ((7, 1), (7, 2), (8, 1)):
+        torch.manual_seed(noise)       # whatever the process did before must not matter
+        cfg = _cfg(tmp_path, tiny_model_dir, data, seed=seed)
+        trainer, _ = reward_model.build_trainer(cfg, ds)
+        heads.append(trainer.model.score.weight.detach().clone())
+    assert torch.equal(heads[0], heads[1])
+    assert not torch.equal(heads[0], heads[2])
 
 
 def test_scorer_batches_match_one_at_a_time(tiny_model_dir):
