@@ -124,11 +124,10 @@ def pairwise_accuracy(scorer: RewardScorer, pairs, progress: bool = False) -> di
 
 
 def build_trainer(cfg: RewardModelConfig, train_ds, eval_ds=None):
+    from transformers import set_seed
     from trl import RewardConfig, RewardTrainer
 
     from pipeline.models import load_sequence_classifier, load_tokenizer, resolve_model
-
-    from transformers import set_seed
 
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = load_tokenizer(path)
