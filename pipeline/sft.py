@@ -6,7 +6,7 @@ template marks assistant turns with ``{% generation %}`` and TRL masks everythin
 Full fine-tuning or LoRA (``lora: true``; adapters merged into the saved model unless
 ``merge_lora: false``).
 
-Departures from the textbook recipe: small CPU-friendly defaults (one pass over the
+Departures from the textbook recipe: small CPU-friendly defaults (two passes over the
 demonstrations in batches of 4 in configs/sft.yaml), no gradient checkpointing, bf16
 autocast where the CPU has AMX, and the final model is written to ``<output_dir>/model``
 in one rename so an interrupted run leaves no folder that looks finished.
