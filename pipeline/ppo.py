@@ -749,9 +749,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                        (accelerator.process_index + 1) * prompts_per_process)
     if is_main:
         per_step = cfg.batch_size * accelerator.num_processes
-        drawn = f"{per_step // per_prompt} prompts x {per_prompt} responses"
-        if per_prompt == 1:
-            drawn = f"{per_step} responses"
+        drawn = (f"{per_step // per_prompt} prompts x {per_prompt} responses" if per_prompt > 1
+                 else f"{per_step} responses")
         print(f"ppo: {len(ds)} training prompts, {drawn} per step over {accelerator.num_processes} "
               f"process(es), {cfg.batch_size // cfg.mini_batch_size * cfg.ppo_epochs} updates per step",
               file=sys.stderr)
