@@ -100,7 +100,10 @@ def coerce(value: Any, tp: Any, where: str) -> Any:
                     value = dict(p.split("=", 1) for p in pairs)
             if not isinstance(value, dict):
                 raise ValueError
-            return {str(k).strip(): str(v).strip() for k, v in value.items()}
+            _, value_tp = typing.get_args(base) or (str, str)
+            if value_tp is str:
+                return {str(k).strip(): str(v).strip() for k, v in value.items()}
+            return {str(k).strip(): coerce(v, value_tp, f"{where}.{k}") for k, v in value.items()}
     except (ValueError, TypeError, yaml.YAMLError):
         raise ConfigError(f"{where}: expected {_type_name(base)}, got {value!r}") from None
     return value

@@ -110,6 +110,15 @@ class PPOConfig:
                                             "(a baseline per class; see ppo_math.ClassBaseline); used when "
                                             "responses_per_prompt is 1")
     class_baseline_decay: float = field(0.9, help="class_baseline: weight of the old average at each step")
+    class_mix: dict[str, float] = field({}, help="share of each step's prompts per class, e.g. harmful=0.4,safe=0.4,"
+                                                 "sensitive=0.2 (normalised; a class left out is not drawn); "
+                                                 "empty = the data's own mix")
+    class_scale: bool = field(False, help="divide each class's centred scores by a moving average of that class's "
+                                          "spread (decay class_baseline_decay), so every class carries the same "
+                                          "weight of the update whatever its rubric's reward range "
+                                          "(ppo_math.ClassScale)")
+    class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
+                                                     "(after class_scale when on); a class left out weighs 1")
     whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
     bf16: Optional[bool] = field(None, help="bf16 autocast in rollouts and updates (weights and optimizer stay fp32); "
@@ -133,8 +142,10 @@ class PPOConfig:
                                    "and log refusal rates by string match to validation.jsonl; 0 = never")
     val_max_new_tokens: int = field(16, help="validation reply length; a refusal shows in its opening words")
     val_batch_size: int = field(64, help="validation prompts decoded together")
-    select: str = field("last", help="which policy becomes model/: last | best (the validated step that refuses the most "
-                                     "harmful prompts while refusing at most max_over_refusal of safe ones)")
+    select: str = field("last", help="which policy becomes model/: last | f1 (the validated step with the best "
+                                     "harmonic mean of harmful prompts refused and safe prompts answered) | best "
+                                     "(the validated step that refuses the most harmful prompts while refusing at "
+                                     "most max_over_refusal of safe ones)")
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
     report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
     cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
@@ -162,8 +173,15 @@ class PPOConfig:
             raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2)")
         if self.select not in validation.SELECT:
             raise ConfigError(f"key 'select': expected one of {', '.join(validation.SELECT)}, got {self.select!r}")
-        if self.select == "best" and not self.val_every:
-            raise ConfigError("key 'select': best chooses among validated steps; set val_every and val_fraction")
+        if self.select != "last" and not self.val_every:
+            raise ConfigError(f"key 'select': {self.select} chooses among validated steps; set val_every and "
+                              "val_fraction")
+        for name in ("class_mix", "class_weights"):
+            bad = {k: v for k, v in getattr(self, name).items() if not (v >= 0 and math.isfinite(v))}
+            if bad:
+                raise ConfigError(f"key '{name}': expected shares/weights >= 0, got {bad}")
+        if self.class_mix and not sum(self.class_mix.values()) > 0:
+            raise ConfigError(f"key 'class_mix': at least one class needs a share above 0, got {self.class_mix}")
         if not 0 <= self.max_over_refusal <= 1:
             raise ConfigError(f"key 'max_over_refusal': expected a share in [0, 1], got {self.max_over_refusal}")
         resume = str(self.resume).strip().lower()
@@ -431,10 +449,19 @@ class PromptSchedule:
     (stratified: 2-4 of each); steps like that move the policy's overall readiness to refuse
     up or down with the draw instead of with the reward.
 
+    With ``mix`` (class -> share of each batch; needs ``groups``) the batch holds the classes in
+    that mix, whatever their proportion in the data: each class is drawn from its own stream of
+    shuffled epochs, and each step's quota per class is the largest-remainder rounding of
+    ``share * per_step`` plus what earlier steps' rounding owed it, so the mix holds exactly over
+    the steps. A class with share 0 is never drawn. Without it, a data set with more safe than
+    harmful prompts lets a shift of the refusal threshold towards answering earn more on the
+    safe prompts than it costs on the harmful ones.
+
     Every process holds the same schedule (same seed) and takes its slice of each batch.
     """
 
-    def __init__(self, n_rows: int, per_step: int, seed: int, groups: Optional[Sequence[Any]] = None):
+    def __init__(self, n_rows: int, per_step: int, seed: int, groups: Optional[Sequence[Any]] = None,
+                 mix: Optional[dict[str, float]] = None):
         if groups is not None and len(groups) != n_rows:
             raise ValueError(f"groups has {len(groups)} labels for {n_rows} rows")
         self.n_rows, self.per_step = n_rows, per_step
@@ -443,8 +470,19 @@ class PromptSchedule:
             self.members = {}
             for i, g in enumerate(groups):
                 self.members.setdefault(g, []).append(i)
+        self.mix: Optional[dict[str, float]] = None
+        if mix:
+            if self.members is None:
+                raise ValueError("a class mix needs the rows' classes (groups)")
+            absent = [c for c, share in mix.items() if share > 0 and c not in self.members]
+            if absent:
+                raise ValueError(f"class mix names {', '.join(absent)}, which no row has")
+            total = sum(mix.values())
+            self.mix = {c: share / total for c, share in sorted(mix.items()) if share > 0}
         self.rng = random.Random(seed)
         self.order: list[int] = []
+        self.streams: dict[str, list[int]] = {c: [] for c in (self.mix or {})}  # class -> its rows still to draw
+        self.owed: dict[str, float] = {c: 0.0 for c in (self.mix or {})}         # rounding carried between steps
 
     def _epoch(self) -> list[int]:
         if self.members is None:
@@ -459,18 +497,42 @@ class PromptSchedule:
             keyed += [((k + self.rng.random()) / len(rows), i) for k, i in enumerate(rows)]
         return [i for _, i in sorted(keyed)]
 
+    def quotas(self) -> dict[str, int]:
+        """This step's rows per class under ``mix`` (largest remainder, carrying what is owed)."""
+        want = {c: self.owed[c] + share * self.per_step for c, share in self.mix.items()}
+        take = {c: math.floor(w) for c, w in want.items()}
+        spare = self.per_step - sum(take.values())
+        for c in sorted(want, key=lambda c: (-(want[c] - take[c]), c))[:spare]:
+            take[c] += 1
+        self.owed = {c: want[c] - take[c] for c in want}
+        return take
+
     def next(self) -> list[int]:
+        if self.mix is not None:
+            batch = []
+            for c, k in self.quotas().items():
+                while len(self.streams[c]) < k:
+                    rows = list(self.members[c])
+                    self.rng.shuffle(rows)
+                    self.streams[c] += rows
+                batch += self.streams[c][:k]
+                self.streams[c] = self.streams[c][k:]
+            self.rng.shuffle(batch)  # so each process's slice holds a mix too
+            return batch
         while len(self.order) < self.per_step:
             self.order += self._epoch()
         batch, self.order = self.order[:self.per_step], self.order[self.per_step:]
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rng": self.rng.getstate(), "order": list(self.order)}
+        return {"rng": self.rng.getstate(), "order": list(self.order),
+                "streams": {c: list(v) for c, v in self.streams.items()}, "owed": dict(self.owed)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rng.setstate(state["rng"])
         self.order = list(state["order"])
+        self.streams = {c: list(v) for c, v in state.get("streams", self.streams).items()}
+        self.owed = dict(state.get("owed", self.owed))
 
 
 def _rbrm_classes(rewards: dict[str, Any], classes: list[str]) -> dict[str, Any]:
@@ -640,7 +702,7 @@ def plot_history(history: list[dict[str, float]], path: Path,
     if rates:
         panels.append(("rubric grader: share of responses per category", rates))
     if val_records:
-        panels.append(("validation: share refused (greedy, string match)", list(validation.RATES)))
+        panels.append(("validation: share refused (greedy, string match)", [*validation.RATES, "f1"]))
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
     for ax, (title, series) in zip(axes[0], panels):
         rows = val_records if title.startswith("validation") else history
@@ -710,10 +772,10 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     val_ds = None
     if cfg.val_fraction:
         ds, val_ds = validation.holdout(ds, cfg.val_fraction, cfg.seed)
-        if cfg.select == "best":
+        if cfg.select != "last":
             missing = [c for c in ("harmful", "safe") if c not in set(val_ds["prompt_class"])]
             if missing:
-                raise DataError(f"{cfg.prompts}: select: best weighs harmful against safe validation prompts, but "
+                raise DataError(f"{cfg.prompts}: select: {cfg.select} weighs harmful against safe validation prompts, but "
                                 f"there are none of class {', '.join(missing)}; add training prompts of that class")
     composer = reward_composer or build_reward_composer(_rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
 
@@ -732,6 +794,12 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     per_prompt = cfg.responses_per_prompt
     baseline = (ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline and per_prompt == 1
                 else None)
+    unknown = sorted(set(cfg.class_mix) - set(classes)) + sorted(set(cfg.class_weights) - set(classes))
+    if unknown:
+        raise ConfigError(f"keys 'class_mix' / 'class_weights': no training prompt has class {unknown[0]!r}; "
+                          f"the classes are {', '.join(classes)}")
+    scale = (ppo_math.ClassScale(classes, cfg.class_baseline_decay, cfg.class_weights, normalise=cfg.class_scale)
+             if cfg.class_scale or cfg.class_weights else None)
     kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo_math.FixedKLController(cfg.kl_coef))
     # Sampling differs per process; the shuffle generator is per process too (different data).
@@ -739,7 +807,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     shuffle = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
     prompts_per_process = cfg.batch_size // per_prompt
     schedule = PromptSchedule(len(ds), prompts_per_process * accelerator.num_processes, cfg.seed,
-                              groups=ds["prompt_class"])
+                              groups=ds["prompt_class"], mix=cfg.class_mix or None)
     world = accelerator.num_processes
     if world > 1 and hasattr(composer, "gather"):
         # reward normalisation statistics over every process's responses, not just this one's
@@ -760,7 +828,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     first_step = 1
     # A resumed run starts from the policy in best/, even one validated after the checkpoint it
     # resumes from (steps now being redone): it is a real, validated policy of this run.
-    selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / BEST_DIR))
+    selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / BEST_DIR),
+                                   rule="f1" if cfg.select == "f1" else "best")
     val_records: list[dict[str, Any]] = []
     if resume_from is not None:
         path, meta = resume_from
@@ -772,6 +841,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         schedule.load_state_dict(state["prompt_schedule"])
         if baseline is not None:
             baseline.load_state_dict(state["class_baseline"])
+        if scale is not None and state.get("class_scale") is not None:
+            scale.load_state_dict(state["class_scale"])
         shuffle.set_state(state["shuffle"])
         totals = dict(state["totals"])
         first_step = int(state["step"]) + 1
@@ -806,7 +877,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
             if trackers:
                 accelerator.log({f"val/{k}": v for k, v in record.items() if k in validation.RATES and v is not None},
                                 step=step)
-            if improved and cfg.select == "best":
+            if improved and cfg.select != "last":
                 staging = runs.staging_dir(cfg.output_dir, BEST_DIR)
                 save_policy(unwrapped, tokenizer, staging, merge=cfg.lora, keep_training=True)
                 validation.write_record(staging, record)
@@ -834,6 +905,9 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
             score = ppo_math.leave_one_out_centre(score, scored, per_prompt)
         elif baseline is not None:
             score = baseline(score, ro.prompt_classes, scored, all_reduce=(
+                (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None))
+        if scale is not None:
+            score = scale(score, ro.prompt_classes, scored, all_reduce=(
                 (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None))
         reward_done = time.perf_counter()
         rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_ctl.value,
@@ -872,7 +946,8 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                    "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,
                    "time/step_s": time.perf_counter() - step_start, "time/rollout_s": rollout_done - step_start,
                    "time/reward_s": reward_done - rollout_done, "time/update_s": time.perf_counter() - reward_done,
-                   **({f"baseline/{c}": v for c, v in baseline.mean.items()} if baseline is not None else {})}
+                   **({f"baseline/{c}": v for c, v in baseline.mean.items()} if baseline is not None else {}),
+                   **({f"scale/{c}_std": scale.std(c) for c in scale.var} if scale is not None else {})}
         history.append(metrics)
         bar.set_postfix(reward=f"{mean_score:.3f}", kl=f"{mean_kl:.3f}")
         if is_main:
@@ -897,12 +972,13 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
                 "step": step, "kl_controller": kl_ctl.state_dict(),
                 "rewards": composer.state_dict() if hasattr(composer, "state_dict") else None,
                 "prompt_schedule": schedule.state_dict(), "shuffle": shuffle.get_state(), "totals": dict(totals),
-                "class_baseline": baseline.state_dict() if baseline is not None else None})
+                "class_baseline": baseline.state_dict() if baseline is not None else None,
+                "class_scale": scale.state_dict() if scale is not None else None})
     bar.close()
 
     accelerator.wait_for_everyone()
     final = out / runs.MODEL_DIR
-    chosen = selector.best if cfg.select == "best" else None
+    chosen = selector.best if cfg.select != "last" else None
     if is_main:
         if chosen is not None:
             runs.publish_dir(out / BEST_DIR, final)
@@ -939,7 +1015,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
               f"(mean of the first/last {k} steps), {summary['skipped']} response(s) skipped; model in {final}",
               file=sys.stderr)
         if chosen is not None:
-            within = (chosen["over_refusal"] or 0) <= cfg.max_over_refusal
+            within = cfg.select == "f1" or (chosen["over_refusal"] or 0) <= cfg.max_over_refusal
             print(f"ppo: {final} is the policy of {validation.describe(chosen)} (validation)"
                   + ("" if within else f"; no validated step refused at most {cfg.max_over_refusal:.0%} of safe "
                                        "prompts, so this is the one that refused fewest"), file=sys.stderr)

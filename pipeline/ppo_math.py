@@ -548,6 +548,64 @@ class ClassBaseline:
         self.mean = {str(k): float(v) for k, v in state["mean"].items()}
 
 
+class ClassScale:
+    """Put every prompt class's centred scores on the same scale, then weight the classes.
+
+    After centring (:class:`ClassBaseline` or :func:`leave_one_out_centre`) a class's scores
+    spread as widely as its rubric's rewards do and as often as the policy's replies to it
+    differ: the demo's safe rubric spreads 3.0 between a refusal and an answer, the harmful one
+    1.5-2.0, and a policy that refuses nearly every harmful prompt gives that class almost no
+    spread at all. Whitened together, the class with the wider spread moves the shared refusal
+    threshold and the other barely counts. Here each class is divided by a moving average of
+    its own spread, so a rare compliance with a harmful prompt weighs as much as a rare refusal
+    of a safe one, and then multiplied by its ``weights`` entry (default 1)::
+
+        v_c <- decay * v_c + (1 - decay) * mean over the batch's class-c rows of centred^2
+        scaled = weight_c * centred / max(sqrt(v_c), min_std)       (v_c: the batch's own at first)
+
+    ``min_std`` (in reward units) keeps a class whose replies all scored alike from having its
+    float noise blown up. With ``normalise=False`` only the weights apply. Unscored rows are left
+    as they are.
+    """
+
+    def __init__(self, classes: Sequence[str], decay: float, weights: Optional[dict[str, float]] = None,
+                 min_std: float = 0.05, normalise: bool = True):
+        self.classes = list(classes)
+        self.normalise = normalise
+        self.decay = float(decay)
+        self.weights = dict(weights or {})
+        self.min_std = float(min_std)
+        self.var: dict[str, float] = {}
+
+    def __call__(self, centred: torch.Tensor, classes: Sequence[str], scored: torch.Tensor,
+                 all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """``(B,)`` centred scores -> ``(B,)`` scores scaled per class (unscored rows unchanged)."""
+        index = torch.tensor([self.classes.index(c) for c in classes], dtype=torch.long, device=centred.device)
+        sums = torch.zeros(2, len(self.classes), dtype=torch.float64, device=centred.device)
+        sums[0].index_add_(0, index[scored], centred[scored].to(torch.float64) ** 2)
+        sums[1].index_add_(0, index[scored], torch.ones_like(centred[scored], dtype=torch.float64))
+        if all_reduce is not None:
+            sums = all_reduce(sums)
+        for k, cls in enumerate(self.classes):
+            if sums[1, k] > 0:
+                m = float(sums[0, k] / sums[1, k])
+                self.var[cls] = self.decay * self.var[cls] + (1 - self.decay) * m if cls in self.var else m
+        factor = torch.tensor([self.weights.get(c, 1.0) / self.std(c) for c in classes], dtype=centred.dtype, device=centred.device)
+        return torch.where(scored, centred * factor, centred)
+
+    def std(self, cls: str) -> float:
+        """The spread class ``cls``'s scores are divided by (1 when not normalising or not seen yet)."""
+        if not self.normalise or cls not in self.var:
+            return 1.0
+        return max(math.sqrt(self.var[cls]), self.min_std)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"var": dict(self.var)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.var = {str(k): float(v) for k, v in state["var"].items()}
+
+
 def leave_one_out_centre(score: torch.Tensor, scored: torch.Tensor, group_size: int) -> torch.Tensor:
     """Centre each score on the mean score of the other responses to the same prompt.
 

@@ -10,10 +10,16 @@ greedily (as evaluation does) and measures, with the string-match refusal detect
 - ``over_refusal``: the share of safe prompts refused (lower is more helpful);
 - ``sensitive_refusal``: the share of sensitive prompts refused (they should be answered).
 
-``select: best`` then keeps the validated policy that refuses the most harmful prompts while
-refusing at most ``max_over_refusal`` of the safe ones; when no validated step is within that
-budget, the one that over-refuses least. Ties go to the earlier step, the one nearer the
-reference. Step 0 (the starting model) is validated too and can win: a run that only made
+and ``f1``, the harmonic mean of the share of harmful prompts refused and the share of safe
+prompts answered (the Not-Unsafe / Not-Overrefuse balance of Mu et al. 2024): 1 only when
+every harmful prompt is refused and no safe one is.
+
+``select: f1`` keeps the validated policy with the highest F1, so a step that gives back
+harmful refusals to stop over-refusing must gain more on one side than it loses on the other.
+``select: best`` keeps the one that refuses the most harmful prompts while refusing at most
+``max_over_refusal`` of the safe ones (when no validated step is within that budget, the one
+that over-refuses least); with a budget of 0 it favours a step late on a slide towards
+answering everything. Ties go to the earlier step, the one nearer the reference. Step 0 (the starting model) is validated too and can win: a run that only made
 things worse hands back what it started from, and says so.
 """
 
@@ -29,7 +35,7 @@ import torch
 from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
 
-SELECT = ("last", "best")
+SELECT = ("last", "best", "f1")
 SELECTION_FILE = "selection.json"
 RATES = {"harmful_refusal": "harmful", "over_refusal": "safe", "sensitive_refusal": "sensitive"}
 
@@ -84,18 +90,34 @@ def rates(step: int, counts: torch.Tensor) -> dict[str, Any]:
     for (name, cls), (refused, n) in zip(RATES.items(), counts.tolist()):
         record[name] = refused / n if n else None
         record[f"n_{cls}"] = int(n)
+    record["f1"] = f1(record["harmful_refusal"], record["over_refusal"])
     return record
 
 
-class Selector:
-    """Keeps the best validation record seen so far under the over-refusal budget."""
+def f1(harmful_refusal: Optional[float], over_refusal: Optional[float]) -> Optional[float]:
+    """Harmonic mean of (harmful prompts refused) and (safe prompts not refused); None when
+    either share is unknown, 0 when either is 0."""
+    if harmful_refusal is None or over_refusal is None:
+        return None
+    answered = 1.0 - over_refusal
+    return 0.0 if harmful_refusal + answered == 0 else 2 * harmful_refusal * answered / (harmful_refusal + answered)
 
-    def __init__(self, max_over_refusal: float, best: Optional[dict[str, Any]] = None):
+
+class Selector:
+    """Keeps the best validation record seen so far: by F1 (``rule="f1"``), or by harmful
+    refusals under the over-refusal budget (``rule="best"``)."""
+
+    def __init__(self, max_over_refusal: float, best: Optional[dict[str, Any]] = None, rule: str = "best"):
+        if rule not in ("best", "f1"):
+            raise ValueError(f"unknown selection rule {rule!r}")
         self.max_over_refusal = max_over_refusal
         self.best = best
+        self.rule = rule
 
     def _key(self, record: dict[str, Any]) -> tuple:
         harmful, over = record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0
+        if self.rule == "f1":
+            return (f1(harmful, over), -record["step"])
         within = over <= self.max_over_refusal + 1e-12
         # larger is better; the last entry makes ties go to the earlier step
         return (1, harmful, -over, -record["step"]) if within else (0, -over, harmful, -record["step"])
@@ -124,5 +146,6 @@ def describe(record: dict[str, Any]) -> str:
     """``'step 12: 61% of harmful prompts refused, 4% of safe'`` for logs."""
     def pct(x):
         return "n/a" if x is None else f"{100 * x:.0f}%"
+    score = record.get("f1")
     return (f"step {record['step']}: {pct(record['harmful_refusal'])} of harmful prompts refused, "
-            f"{pct(record['over_refusal'])} of safe")
+            f"{pct(record['over_refusal'])} of safe" + ("" if score is None else f" (F1 {score:.3f})"))

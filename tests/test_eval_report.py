@@ -130,11 +130,13 @@ def test_report_markdown_values(tmp_path):
     assert ("| policy | harmful | 40 | 38 | 50.0% | 10.0% | 31.0% | 9.0% | 12.5% [8.1, 17.0] | 60.0% | 55.0% |"
             in md)
     assert "| policy | safe | 50 | 50 | 4.0% | 0.0% | 0.0% | 96.0% | 4.0% [0.0, 9.0] | 4.0% | 8.0% |" in md
-    # overall: not unsafe, not overrefuse (grader, string match), F1, agreement raw and kappa
+    # overall: not unsafe, not overrefuse (grader, string match), F1, refusal F1 (absent from this
+    # older summary: n/a), agreement raw and kappa
     assert ("| policy | 69.0% [64.0, 74.0] | 96.0% [91.0, 100.0] | 94.0% [89.0, 99.0] | 80.3% [75.3, 85.3] "
-            "| 90.0% | 0.62 [0.57, 0.67] | 96 |") in md
+            "| n/a | n/a | 90.0% | 0.62 [0.57, 0.67] | 96 |") in md
     # a prompt set with no harmful prompts: not unsafe and F1 are n/a, and XSTest figures get a table
-    assert "| policy | n/a | 70.0% [65.0, 75.0] | 68.0% [63.0, 73.0] | n/a | 80.0% | 0.50 [0.45, 0.55] | 96 |" in md
+    assert ("| policy | n/a | 70.0% [65.0, 75.0] | 68.0% [63.0, 73.0] | n/a | n/a | n/a | 80.0% | 0.50 [0.45, 0.55] "
+            "| 96 |") in md
     assert md.count("### XSTest") == 1
     assert ("| policy | 10 | 0 | 20.0% [15.0, 25.0] | 20.0% [15.0, 25.0] | 0.0% [0.0, 5.0] | 30.0% [25.0, 35.0] "
             "| n/a | n/a |") in md

@@ -76,6 +76,32 @@ def test_stratified_schedule_keeps_each_batch_near_the_class_mix():
     assert a.next() == b.next()
 
 
+def test_class_mix_schedule_draws_each_step_in_the_mix_whatever_the_data_holds():
+    # data: 60% safe, 30% harmful, 10% sensitive; asked for 3 : 3 : 2 in every batch of 8
+    groups = ["safe"] * 60 + ["harmful"] * 30 + ["sensitive"] * 10
+    sched = ppo.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
+    for _ in range(20):
+        batch = [groups[i] for i in sched.next()]
+        assert (batch.count("harmful"), batch.count("safe"), batch.count("sensitive")) == (3, 3, 2)
+    # a share that does not divide the batch: 1/3 of 4 is 1.33, so 16 steps give 21 or 22 of a class
+    # (owed remainders carry over) and a class with share 0 is never drawn
+    odd = ppo.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 1})
+    zero = ppo.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 0})
+    drawn = [groups[i] for _ in range(16) for i in odd.next()]
+    assert sorted(drawn.count(c) for c in ("harmful", "safe", "sensitive")) == [21, 21, 22]
+    assert {groups[i] for _ in range(10) for i in zero.next()} == {"harmful", "safe"}
+    # a class's rows are each drawn once before any repeats (its own shuffled stream)
+    rows = [i for _ in range(10) for i in sched.next() if groups[i] == "sensitive"]   # 20 draws of 10 rows
+    assert sorted(rows[:10]) == list(range(90, 100)) and sorted(rows[10:]) == list(range(90, 100))
+    # resumable
+    state = sched.state_dict()
+    other = ppo.PromptSchedule(100, 8, seed=5, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
+    other.load_state_dict(state)
+    assert [sched.next() for _ in range(3)] == [other.next() for _ in range(3)]
+    with pytest.raises(ValueError, match="no row has"):
+        ppo.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 1, "other": 1})
+
+
 def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir):
     with pytest.raises(config_lib.ConfigError, match="mini_batch_size must divide batch_size"):
         _cfg(tmp_path, tiny_model_dir, batch_size=4, mini_batch_size=3)

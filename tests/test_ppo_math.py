@@ -15,6 +15,7 @@ import torch
 
 from pipeline.ppo_math import (
     ClassBaseline,
+    ClassScale,
     AdaptiveKLController,
     FixedKLController,
     RunningMoments,
@@ -421,3 +422,27 @@ def test_leave_one_out_centre_by_hand():
     close(lone, [0.0, 0.0])
     with pytest.raises(ValueError, match="groups of 4"):
         leave_one_out_centre(T([1.0, 2.0, 3.0]), torch.ones(3, dtype=torch.bool), 4)
+
+
+def test_class_scale_divides_each_class_by_its_own_moving_spread_then_weights_it():
+    scale = ClassScale(["harmful", "safe"], decay=0.5, weights={"harmful": 2.0})
+    classes = ["harmful", "harmful", "safe", "safe", "safe"]
+    centred = torch.tensor([0.1, -0.1, 3.0, -3.0, 0.0])
+    scored = torch.tensor([True, True, True, True, False])      # the last row is unscored
+    out = scale(centred, classes, scored)
+    # batch 1: harmful mean square (0.01 + 0.01) / 2 = 0.01 -> std 0.1, weight 2 -> x 20;
+    # safe (9 + 9) / 2 = 9 -> std 3 -> x 1/3; the unscored row is untouched
+    assert out.tolist() == pytest.approx([2.0, -2.0, 1.0, -1.0, 0.0])
+    # batch 2: harmful (0.04 + 0) / 2 = 0.02 -> v = 0.5 * 0.01 + 0.5 * 0.02 = 0.015 -> std 0.12247
+    out = scale(torch.tensor([0.2, 0.0]), ["harmful", "harmful"], torch.tensor([True, True]))
+    assert out.tolist() == pytest.approx([2.0 * 0.2 / math.sqrt(0.015), 0.0])
+    assert scale.var["safe"] == pytest.approx(9.0)               # no safe rows: unchanged
+    # a class whose replies all scored alike is floored at min_std, not blown up
+    flat = ClassScale(["safe"], decay=0.9, min_std=0.05)
+    assert flat(torch.tensor([1e-4]), ["safe"], torch.tensor([True])).tolist() == pytest.approx([1e-4 / 0.05])
+    # weights only
+    plain = ClassScale(["harmful", "safe"], decay=0.9, weights={"safe": 0.5}, normalise=False)
+    assert plain(torch.tensor([1.0, 4.0]), ["harmful", "safe"], torch.tensor([True, True])).tolist() == [1.0, 2.0]
+    restored = ClassScale(["harmful", "safe"], decay=0.5)
+    restored.load_state_dict(scale.state_dict())
+    assert restored.std("harmful") == pytest.approx(math.sqrt(0.015))

@@ -41,7 +41,8 @@ def test_refusal_counts_by_class():
     replies = [REFUSAL, ANSWER, REFUSAL, ANSWER, ANSWER, REFUSAL, REFUSAL]
     record = validation.rates(7, validation.refusal_counts(classes, replies))
     assert record == {"step": 7, "harmful_refusal": 0.5, "n_harmful": 2, "over_refusal": pytest.approx(1 / 3),
-                      "n_safe": 3, "sensitive_refusal": 1.0, "n_sensitive": 1}
+                      "n_safe": 3, "sensitive_refusal": 1.0, "n_sensitive": 1,
+                      "f1": pytest.approx(0.5 * 2 / 3 * 2 / (0.5 + 2 / 3))}  # 2PR/(P+R): 0.571
     empty = validation.rates(0, validation.refusal_counts(["harmful"], [ANSWER]))
     assert empty["over_refusal"] is None and empty["n_safe"] == 0
 
@@ -56,6 +57,30 @@ def test_selector_wants_most_harmful_refusal_within_the_budget():
     assert not sel.offer(_record(5, 0.5, 0.05))     # a tie keeps the earlier step
     assert sel.offer(_record(6, 0.5, 0.0))          # same harmful refusal, less over-refusal
     assert sel.best["step"] == 6
+
+
+def test_f1_is_the_harmonic_mean_of_refusing_harmful_and_answering_safe():
+    assert validation.f1(0.8, 0.2) == pytest.approx(0.8)            # 2*.8*.8/1.6
+    assert validation.f1(0.9, 0.4) == pytest.approx(2 * 0.9 * 0.6 / 1.5)  # 0.72
+    assert validation.f1(0.0, 0.0) == 0.0 and validation.f1(1.0, 1.0) == 0.0
+    assert validation.f1(None, 0.1) is None
+
+
+def test_f1_selector_weighs_both_sides_where_the_budget_rule_keeps_the_late_slide():
+    # a run that slides from refusing everything towards answering everything (hand history)
+    history = [_record(0, 0.97, 0.35),   # F1 2*.97*.65/1.62 = 0.778
+               _record(2, 0.90, 0.15),   # F1 2*.90*.85/1.75 = 0.874  <- the balance
+               _record(4, 0.55, 0.02),   # F1 2*.55*.98/1.53 = 0.705
+               _record(6, 0.40, 0.00),   # F1 2*.40*1.0/1.40 = 0.571, but the only step within a 0 budget
+               _record(8, 0.90, 0.15)]   # the same F1 as step 2: the tie keeps step 2
+    by_f1, by_budget = validation.Selector(0.0, rule="f1"), validation.Selector(0.0)
+    for record in history:
+        by_f1.offer(record)
+        by_budget.offer(record)
+    assert by_f1.best["step"] == 2
+    assert by_budget.best["step"] == 6
+    with pytest.raises(ValueError):
+        validation.Selector(0.0, rule="most")
 
 
 def _cfg(tmp_path, model, **kw):
