@@ -79,3 +79,26 @@ def test_demo_yaml_with_an_unknown_stage_is_named(tmp_path):
     (tmp_path / "demo.yaml").write_text("ppo: {}\nrlhf: {}\n")
     with pytest.raises(demo.ConfigError, match=r"demo.yaml: unknown key 'rlhf'"):
         demo.run(str(tmp_path))
+
+
+def _figs(f1_grader, f1_match, harmful=0.9):
+    return {"overall.refusal_f1.grader": f1_grader, "overall.refusal_f1.string_match": f1_match,
+            "classes.harmful.refusal_rate.grader": harmful, "classes.safe.refusal_rate.grader": 0.1,
+            "classes.harmful.category_rate.C": 0.05, "classes.sensitive.category_rate.D": None}
+
+
+def test_seeds_table_gives_each_seed_its_verdict_and_the_spread():
+    per_seed = {
+        1: {"sft": {"p": _figs(0.76, 0.75)}, "ppo": {"p": _figs(0.85, 0.81, harmful=0.8)}},   # meets both
+        2: {"sft": {"p": _figs(0.76, 0.75)}, "ppo": {"p": _figs(0.85, 0.79, harmful=1.0)}},   # string match < 0.80
+        3: {"sft": {"p": _figs(0.78, 0.75)}, "ppo": {"p": _figs(0.82, 0.81, harmful=0.9)}},   # grader < SFT + 0.05
+    }
+    lines = demo.seeds_table(per_seed)
+    rows = {line.split(" | ")[1]: line for line in lines[2:]}
+    assert rows["1"].endswith("| yes |") and rows["2"].endswith("| no |") and rows["3"].endswith("| no |")
+    assert rows["1"].startswith("| p | 1 | 76.0 | 85.0 | 75.0 | 81.0 | 90.0 | 80.0 |")
+    # mean of PPO's harmful refusals 0.8, 1.0, 0.9 -> 90.0; min-max 80.0-100.0; a figure no seed has is n/a
+    mean, spread = rows["mean"].split(" | "), rows["min-max"].split(" | ")
+    assert mean[2:8] == ["76.7", "84.0", "75.0", "80.3", "90.0", "90.0"]
+    assert spread[7] == "80.0-100.0" and spread[2] == "76.0-78.0"
+    assert "n/a" in rows["mean"]
