@@ -14,7 +14,7 @@ PYTEST_ARGS ?=
 BENCH_GRADER_N ?= 32
 BENCH_PPO_STEPS ?= 4
 
-.PHONY: setup demo test test-fast bench clean-venv
+.PHONY: setup demo demo-seeds test test-fast bench clean-venv
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -26,6 +26,11 @@ setup: $(STAMP)
 
 demo: setup
 	$(VENV)/bin/rbrm demo
+
+# SFT and the reward model once, PPO + evaluation per seed; the table of refusal F1 per seed and its spread
+SEEDS ?= 42,43,44
+demo-seeds: setup
+	$(VENV)/bin/rbrm demo --seeds $(SEEDS)
 
 test: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
