@@ -327,3 +327,27 @@ def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir
     seen.clear()
     ppo.main(_cfg(tmp_path, tiny_model_dir, bf16=False, output_dir=str(tmp_path / "fp32")))
     assert seen == [False, False]
+
+
+# The history of a short seeded run, recorded from the code before the PPO loop was split into
+# pipeline/ppo/. A change meant to leave behaviour alone (a refactor) must reproduce it to float
+# rounding; a change that alters training on purpose updates these numbers and says why.
+PINNED_HISTORY = [  # reward/score, objective/kl, loss/policy, loss/value, policy/approx_kl per step
+    [1.0, 0.0, 0.0, 0.0, 0.0],
+    [0.75, 0.0, -0.052139, 2.366525, 0.023883],
+    [0.25, -0.109036, -0.060506, 3.831382, 0.007849],
+    [0.75, 0.144403, -0.070609, 0.548422, 0.008829],
+]
+
+
+def test_seeded_tiny_run_reproduces_the_pinned_history(tmp_path, tiny_model_dir):
+    rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": ("harmful", "safe")[i % 2],
+             "split": "train"} for i in range(8)]
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(write_jsonl(tmp_path / "p.jsonl", rows)), steps=4,
+               batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=2, seed=7, lr_warmup_steps=1,
+               class_scale=True, class_mix={"harmful": 1, "safe": 1}, rewards={"contains": {"text": "e", "reward": 1}})
+    ppo.main(cfg)
+    history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
+    keys = ["reward/score", "objective/kl", "loss/policy", "loss/value", "policy/approx_kl"]
+    got = [[h.get(k) or 0.0 for k in keys] for h in history]
+    assert np.allclose(got, PINNED_HISTORY, rtol=1e-4, atol=1e-5), got
