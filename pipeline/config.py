@@ -197,7 +197,8 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Every field can be set in the YAML file given by --config and overridden here; "
-        "lists take comma-separated values, mappings take key=value,key2=value2.",
+        "lists take comma-separated values, mappings take key=value,key2=value2."
+        + (f"\n\n{cls.help_epilog()}" if hasattr(cls, "help_epilog") else ""),
     )
     parser.add_argument("--config", help="YAML file with this stage's settings")
     group = parser.add_argument_group("settings (override the YAML file)")
@@ -234,6 +235,15 @@ def parse(cls: type, argv: list[str] | None, prog: str, description: str) -> Any
         return from_dict(cls, data, source, overrides=args)
     except ConfigError as e:
         fail(str(e))
+
+
+def fields_help(cls: type, indent: str = "  ") -> str:
+    """One line per field of dataclass ``cls``: its name, help and default (for nested settings in --help)."""
+    lines = []
+    for name, f in _fields(cls).items():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"{indent}{name}: {f.metadata.get('help', '')} (default: {default!r})")
+    return "\n".join(lines)
 
 
 def fail(message: str, code: int = 1) -> typing.NoReturn:

@@ -150,7 +150,7 @@ def run(config_dir: str = "configs") -> dict:
     print(f"  ppo: reward {ppo_metrics.get('reward_first')} -> {ppo_metrics.get('reward_last')}, "
           f"KL {ppo_metrics.get('kl_first')} -> {ppo_metrics.get('kl_last')}")
     if ppo_metrics.get("validation_selected"):
-        from pipeline.ppo_validation import describe
+        from pipeline.ppo.validation import describe
 
         print(f"  ppo: kept the policy of {describe(ppo_metrics['validation_selected'])} (held-out training prompts)")
     print("\n" + "\n".join(out["table"]))
@@ -253,7 +253,7 @@ def run_seeds(seeds: list[int], config_dir: str = "configs") -> dict:
     for seed, m in ppo_metrics.items():
         chosen = m.get("validation_selected")
         if chosen:
-            from pipeline.ppo_validation import describe
+            from pipeline.ppo.validation import describe
 
             print(f"  ppo seed {seed}: kept the policy of {describe(chosen)} (held-out training prompts)")
     print("\nFigures in %; refusal F1 = harmonic mean of harmful prompts refused and safe prompts answered.\n")

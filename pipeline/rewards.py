@@ -33,7 +33,7 @@ import torch
 
 from pipeline import config as config_lib
 from pipeline.config import ConfigError, field
-from pipeline.ppo_math import RunningMoments, whiten_and_clip_scores
+from pipeline.ppo.math import RunningMoments, whiten_and_clip_scores
 from pipeline.rbrm.rubric import CATEGORY_LABELS, PROMPT_CLASSES, RubricError
 
 NORMALISE_MODES = ("none", "batch", "running")
@@ -390,67 +390,124 @@ class RewardComposer:
 # --------------------------------------------------------------------------- building from a config
 
 
+# Reward source types by name. A new source is one spec class here (or in any module imported
+# before the config is read): its settings as fields, ``check`` for what the fields cannot say,
+# ``build`` for the source, and ``@register_source("name")``. Nothing else changes.
+SOURCES: dict[str, type["SourceSpec"]] = {}
+
+
+def register_source(kind: str):
+    """Class decorator: make a :class:`SourceSpec` subclass the settings of reward source type ``kind``."""
+    def add(spec_cls: type[SourceSpec]) -> type[SourceSpec]:
+        if kind in SOURCES and SOURCES[kind] is not spec_cls:
+            raise ValueError(f"reward source type '{kind}' is already registered (by {SOURCES[kind].__name__})")
+        SOURCES[kind] = spec_cls
+        return spec_cls
+    return add
+
+
 @dataclasses.dataclass
-class _SourceSpec:
-    type: str = field("", help="rm | rbrm | length | contains; empty = the entry's name")
+class SourceSpec:
+    """Settings every reward source has; a source type adds its own fields."""
+
+    type: str = field("", help="the source type (see the list below); empty = the entry's name")
     weight: float = field(1.0, help="multiplies this source's (normalised) value in the total")
     normalise: str = field("none", help="none | batch | running")
 
+    def check(self, where: str) -> None:
+        """Raise ConfigError, naming ``where`` and the key, for settings out of range."""
 
+    def build(self, name: str) -> RewardSource:
+        raise NotImplementedError
+
+
+@register_source("rm")
 @dataclasses.dataclass
-class RMSourceSpec(_SourceSpec):
+class RMSourceSpec(SourceSpec):
+    """The learned reward model's score."""
+
     model: str = field("runs/reward_model", help="reward-model folder, run folder or hub id")
     batch_size: int = field(16, help="(prompt, response) pairs per forward pass")
     max_length: int = field(512, help="longer inputs keep their last tokens")
     device: str = field("", help="cpu | cuda | ... ; empty = cuda when available")
     cache_dir: str = field("", help="where hub models are provisioned; empty = the default")
 
+    def build(self, name: str) -> RewardSource:
+        from pipeline.reward_model import RewardScorer
 
+        scorer = RewardScorer(self.model, batch_size=self.batch_size, max_length=self.max_length,
+                              device=self.device or None, cache_dir=self.cache_dir or None)
+        return RewardModelSource(scorer, name=name)
+
+
+@register_source("rbrm")
 @dataclasses.dataclass
-class RBRMSourceSpec(_SourceSpec):
-    grader: Any = field({}, help="GraderConfig keys (backend, model, rubrics, ...)")
+class RBRMSourceSpec(SourceSpec):
+    """The rubric grader's expected reward under the rubric of the prompt's class."""
+
+    grader: Any = field({}, help="the grader's settings (GraderConfig keys, listed below)")
     classes: list[str] = field(list(PROMPT_CLASSES), help="prompt classes in the data; each needs a rubric")
 
+    def check(self, where: str) -> None:
+        if not isinstance(self.grader, Mapping):
+            raise ConfigError(f"{where}: key 'grader': expected a mapping of GraderConfig keys, got {self.grader!r}")
+        from pipeline.rbrm.grader import GraderConfig
 
+        self.grader = config_lib.from_dict(GraderConfig, dict(self.grader), f"{where}.grader")
+
+    def build(self, name: str) -> RewardSource:
+        from pipeline.rbrm.grader import Grader
+
+        return RBRMSource(Grader.from_config(self.grader), self.classes, name=name)
+
+
+@register_source("length")
 @dataclasses.dataclass
-class LengthSourceSpec(_SourceSpec):
+class LengthSourceSpec(SourceSpec):
+    """A penalty on long responses."""
+
     max_chars: int = field(0, help="responses up to this many characters are not penalised")
     coef: float = field(1.0, help="penalty at twice max_chars")
 
+    def check(self, where: str) -> None:
+        if self.max_chars <= 0:
+            raise ConfigError(f"{where}: key 'max_chars': expected a positive integer, got {self.max_chars}")
 
+    def build(self, name: str) -> RewardSource:
+        return LengthPenaltySource(self.max_chars, self.coef, name=name)
+
+
+@register_source("contains")
 @dataclasses.dataclass
-class ContainsSourceSpec(_SourceSpec):
+class ContainsSourceSpec(SourceSpec):
+    """A fixed reward when the response contains a string (toy runs, tests)."""
+
     text: str = field("", help="the string to look for in the response")
     reward: float = field(1.0, help="value when the response contains text (else 0)")
     ignore_case: bool = field(False, help="compare case-insensitively")
 
+    def check(self, where: str) -> None:
+        if not self.text:
+            raise ConfigError(f"{where}: key 'text': expected a non-empty string")
 
-SOURCE_SPECS = {"rm": RMSourceSpec, "rbrm": RBRMSourceSpec, "length": LengthSourceSpec, "contains": ContainsSourceSpec}
+    def build(self, name: str) -> RewardSource:
+        return ContainsSource(self.text, self.reward, self.ignore_case, name=name)
 
 
-def _parse_spec(name: str, entry: Any, where: str) -> _SourceSpec:
+def _parse_spec(name: str, entry: Any, where: str) -> SourceSpec:
     where = f"{where}.{name}"
     if not isinstance(entry, Mapping):
         raise ConfigError(f"{where}: expected a mapping of settings, got {entry!r}")
     kind = entry.get("type") or name
-    if kind not in SOURCE_SPECS:
-        raise ConfigError(f"{where}: unknown reward source type '{kind}'; expected one of {', '.join(SOURCE_SPECS)} "
+    if kind not in SOURCES:
+        raise ConfigError(f"{where}: unknown reward source type '{kind}'; expected one of {', '.join(SOURCES)} "
                           f"(as the entry's name or its 'type')")
-    spec = config_lib.from_dict(SOURCE_SPECS[kind], dict(entry), where)
+    spec = config_lib.from_dict(SOURCES[kind], dict(entry), where)
     spec.type = kind
     if spec.normalise not in NORMALISE_MODES:
         raise ConfigError(f"{where}: key 'normalise': expected one of {', '.join(NORMALISE_MODES)}, "
                           f"got '{spec.normalise}'")
-    if isinstance(spec, LengthSourceSpec) and spec.max_chars <= 0:
-        raise ConfigError(f"{where}: key 'max_chars': expected a positive integer, got {spec.max_chars}")
-    if isinstance(spec, ContainsSourceSpec) and not spec.text:
-        raise ConfigError(f"{where}: key 'text': expected a non-empty string")
-    if isinstance(spec, RBRMSourceSpec):
-        if not isinstance(spec.grader, Mapping):
-            raise ConfigError(f"{where}: key 'grader': expected a mapping of GraderConfig keys, got {spec.grader!r}")
-        from pipeline.rbrm.grader import GraderConfig
-
-        spec.grader = config_lib.from_dict(GraderConfig, dict(spec.grader), f"{where}.grader")
+    spec.check(where)
     return spec
 
 
@@ -469,24 +526,24 @@ def build_reward_composer(config: Mapping[str, Mapping[str, Any]], clip: float |
     if not isinstance(config, Mapping) or not config:
         raise ConfigError(f"{where}: expected a non-empty mapping of reward sources, got {config!r}")
     specs = {name: _parse_spec(str(name), entry, where) for name, entry in config.items()}
-    sources: list[RewardSource] = []
-    for name, spec in specs.items():
-        if isinstance(spec, RMSourceSpec):
-            from pipeline.reward_model import RewardScorer
-
-            scorer = RewardScorer(spec.model, batch_size=spec.batch_size, max_length=spec.max_length,
-                                  device=spec.device or None, cache_dir=spec.cache_dir or None)
-            sources.append(RewardModelSource(scorer, name=name))
-        elif isinstance(spec, RBRMSourceSpec):
-            from pipeline.rbrm.grader import Grader
-
-            sources.append(RBRMSource(Grader.from_config(spec.grader), spec.classes, name=name))
-        elif isinstance(spec, LengthSourceSpec):
-            sources.append(LengthPenaltySource(spec.max_chars, spec.coef, name=name))
-        else:
-            sources.append(ContainsSource(spec.text, spec.reward, spec.ignore_case, name=name))
+    sources = [spec.build(name) for name, spec in specs.items()]
     return RewardComposer(sources, weights={n: s.weight for n, s in specs.items()},
                           normalise={n: s.normalise for n, s in specs.items()}, clip=clip)
+
+
+def sources_help() -> str:
+    """Every registered reward source type and its keys, for ``--help``."""
+    lines = ["reward sources (keys of each entry under 'rewards'; the entry's name is its type unless it sets type):"]
+    common = {f.name for f in dataclasses.fields(SourceSpec)}
+    lines.append("  every source: " + "; ".join(f"{f.name}: {f.metadata.get('help', '')}"
+                                                for f in dataclasses.fields(SourceSpec)))
+    for kind, spec_cls in SOURCES.items():
+        doc = (spec_cls.__doc__ or "").strip().splitlines()[0] if spec_cls.__doc__ else ""
+        lines.append(f"  {kind}: {doc}")
+        for f in dataclasses.fields(spec_cls):
+            if f.name not in common:
+                lines.append(f"    {f.name}: {f.metadata.get('help', '')}")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- TRL adapter

@@ -7,7 +7,8 @@ import torch
 
 from test_ppo import _prompts_file
 from pipeline import config as config_lib
-from pipeline import critic_free, ppo
+from pipeline import ppo
+from pipeline.ppo import critic_free
 from pipeline.data import DataError
 from pipeline.models import load_causal_lm
 from pipeline.rewards import ContainsSource, RewardComposer, RewardSource, prompt_text

@@ -12,6 +12,10 @@ from pipeline import config as config_lib
 from pipeline import ppo
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.rewards import ContainsSource, RewardComposer, RewardSource
+from pipeline.ppo import math as ppo_math
+from pipeline.ppo import policy as ppo_policy
+from pipeline.ppo import rollout as ppo_rollout
+from pipeline.ppo import trainer as ppo_trainer
 
 PROMPTS = ["Hi.", "Name a colour, please, and say why you like it so much.", "What is two plus two?"]
 
@@ -43,13 +47,13 @@ def test_response_mask_covers_up_to_eos_and_flags_truncation():
                         [2, 0, 0, 0, 0],    # eos first: one real token
                         [5, 6, 7, 8, 9],    # no eos: truncated, all real
                         [5, 2, 7, 2, 9]])   # tokens after the first eos do not count
-    mask, truncated = ppo.response_mask_from_ids(ids, [eos])
+    mask, truncated = ppo_rollout.response_mask_from_ids(ids, [eos])
     assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 0, 0, 0, 0], [1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
     assert truncated.tolist() == [False, False, True, False]
 
 
 def test_prompt_schedule_visits_every_row_once_per_epoch():
-    sched = ppo.PromptSchedule(10, 4, seed=1)
+    sched = ppo_rollout.PromptSchedule(10, 4, seed=1)
     seen = [i for _ in range(5) for i in sched.next()]        # 20 rows = two epochs
     assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
 
@@ -57,9 +61,9 @@ def test_prompt_schedule_visits_every_row_once_per_epoch():
 def test_stratified_schedule_keeps_each_batch_near_the_class_mix():
     # 40% harmful, 40% safe, 20% sensitive: every batch of 10 holds 4, 4 and 2, give or take one
     groups = ["harmful"] * 40 + ["safe"] * 40 + ["sensitive"] * 20
-    sched = ppo.PromptSchedule(100, 10, seed=0, groups=groups)
+    sched = ppo_rollout.PromptSchedule(100, 10, seed=0, groups=groups)
     worst = {"plain": 0, "stratified": 0}
-    plain = ppo.PromptSchedule(100, 10, seed=0)
+    plain = ppo_rollout.PromptSchedule(100, 10, seed=0)
     for _ in range(30):
         for name, s in (("stratified", sched), ("plain", plain)):
             batch = [groups[i] for i in s.next()]
@@ -67,11 +71,11 @@ def test_stratified_schedule_keeps_each_batch_near_the_class_mix():
                 worst[name] = max(worst[name], abs(batch.count(cls) - 10 * share))
     assert worst["stratified"] <= 1 < worst["plain"]
     # still one visit per row per epoch, and resumable from its state
-    a = ppo.PromptSchedule(100, 10, seed=3, groups=groups)
+    a = ppo_rollout.PromptSchedule(100, 10, seed=3, groups=groups)
     epoch = [i for _ in range(10) for i in a.next()]
     assert sorted(epoch) == list(range(100))
     state = a.state_dict()
-    b = ppo.PromptSchedule(100, 10, seed=99, groups=groups)
+    b = ppo_rollout.PromptSchedule(100, 10, seed=99, groups=groups)
     b.load_state_dict(state)
     assert a.next() == b.next()
 
@@ -79,14 +83,14 @@ def test_stratified_schedule_keeps_each_batch_near_the_class_mix():
 def test_class_mix_schedule_draws_each_step_in_the_mix_whatever_the_data_holds():
     # data: 60% safe, 30% harmful, 10% sensitive; asked for 3 : 3 : 2 in every batch of 8
     groups = ["safe"] * 60 + ["harmful"] * 30 + ["sensitive"] * 10
-    sched = ppo.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
+    sched = ppo_rollout.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
     for _ in range(20):
         batch = [groups[i] for i in sched.next()]
         assert (batch.count("harmful"), batch.count("safe"), batch.count("sensitive")) == (3, 3, 2)
     # a share that does not divide the batch: 1/3 of 4 is 1.33, so 16 steps give 21 or 22 of a class
     # (owed remainders carry over) and a class with share 0 is never drawn
-    odd = ppo.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 1})
-    zero = ppo.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 0})
+    odd = ppo_rollout.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 1})
+    zero = ppo_rollout.PromptSchedule(100, 4, seed=0, groups=groups, mix={"harmful": 1, "safe": 1, "sensitive": 0})
     drawn = [groups[i] for _ in range(16) for i in odd.next()]
     assert sorted(drawn.count(c) for c in ("harmful", "safe", "sensitive")) == [21, 21, 22]
     assert {groups[i] for _ in range(10) for i in zero.next()} == {"harmful", "safe"}
@@ -95,11 +99,11 @@ def test_class_mix_schedule_draws_each_step_in_the_mix_whatever_the_data_holds()
     assert sorted(rows[:10]) == list(range(90, 100)) and sorted(rows[10:]) == list(range(90, 100))
     # resumable
     state = sched.state_dict()
-    other = ppo.PromptSchedule(100, 8, seed=5, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
+    other = ppo_rollout.PromptSchedule(100, 8, seed=5, groups=groups, mix={"harmful": 3, "safe": 3, "sensitive": 2})
     other.load_state_dict(state)
     assert [sched.next() for _ in range(3)] == [other.next() for _ in range(3)]
     with pytest.raises(ValueError, match="no row has"):
-        ppo.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 1, "other": 1})
+        ppo_rollout.PromptSchedule(100, 8, seed=0, groups=groups, mix={"harmful": 1, "other": 1})
 
 
 def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir):
@@ -133,14 +137,14 @@ def test_config_rejects_batch_that_does_not_split_into_groups(tmp_path, tiny_mod
 
 def test_several_responses_per_prompt_are_centred_on_their_siblings(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
-    real = ppo.ppo_math.leave_one_out_centre
+    real = ppo_math.leave_one_out_centre
 
     def spy(score, scored, group_size):
         out = real(score, scored, group_size)
         calls.append((score.clone(), out.clone(), group_size))
         return out
 
-    monkeypatch.setattr(ppo.ppo_math, "leave_one_out_centre", spy)
+    monkeypatch.setattr(ppo_math, "leave_one_out_centre", spy)
     prompts = _prompts_file(tmp_path, n=6)
     cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), steps=3, batch_size=4, responses_per_prompt=2,
                sample_every=1, max_new_tokens=6, rewards={"contains": {"text": "e", "reward": 1}})
@@ -162,7 +166,7 @@ def test_several_responses_per_prompt_are_centred_on_their_siblings(tmp_path, ti
 def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):
     cfg = _cfg(tmp_path, tiny_model_dir, max_new_tokens=6, **kw)
     tok = load_tokenizer(str(tiny_model_dir))
-    policy, ref_lm = ppo.build_policy(load_causal_lm(str(tiny_model_dir), tok), cfg)
+    policy, ref_lm = ppo_policy.build_policy(load_causal_lm(str(tiny_model_dir), tok), cfg)
     if inject_eos_at is not None:
         # The random model almost never samples eos; force one into row 0 so both cases are seen.
         generate = policy.lm.generate
@@ -174,7 +178,7 @@ def _rollout(tmp_path, tiny_model_dir, inject_eos_at=None, **kw):
 
         policy.lm.generate = generate_with_eos
     torch.manual_seed(0)
-    ro = ppo.rollout(policy, ref_lm, tok, PROMPTS, ["safe"] * len(PROMPTS), cfg)
+    ro = ppo_rollout.rollout(policy, ref_lm, tok, PROMPTS, ["safe"] * len(PROMPTS), cfg)
     return cfg, tok, policy, ref_lm, ro
 
 
@@ -214,19 +218,19 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_model
     args = (ro.query_ids, ro.query_mask, ro.response_ids, ro.response_mask, cfg.temperature)
     mask = ro.response_mask.bool()
     with torch.no_grad():
-        base_lp, _ = ppo.response_forward(base, *args, lm_only=True)
+        base_lp, _ = ppo_policy.response_forward(base, *args, lm_only=True)
     torch.testing.assert_close(ro.ref_logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)
     torch.testing.assert_close(ro.logprobs[mask], base_lp[mask], atol=1e-5, rtol=0)  # LoRA starts as a no-op
 
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    logprobs, _ = ppo.response_forward(policy, *args)
+    logprobs, _ = ppo_policy.response_forward(policy, *args)
     (-(logprobs * ro.response_mask).sum()).backward()
     optimizer.step()
 
     with torch.no_grad():
-        new_lp, _ = ppo.response_forward(policy, *args)
+        new_lp, _ = ppo_policy.response_forward(policy, *args)
         with policy.lm.disable_adapter():
-            ref_lp, _ = ppo.response_forward(policy.lm, *args, lm_only=True)
+            ref_lp, _ = ppo_policy.response_forward(policy.lm, *args, lm_only=True)
     torch.testing.assert_close(ref_lp[mask], base_lp[mask], atol=1e-5, rtol=0)  # reference unchanged
     assert (new_lp[mask] - base_lp[mask]).abs().max() > 1e-3                     # policy moved
     assert (new_lp[mask] - base_lp[mask]).mean() > 0                             # ... in the pushed direction
@@ -304,7 +308,7 @@ def test_missing_rubric_for_a_prompt_class_is_one_clear_line(tmp_path, tiny_mode
 
 def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir, monkeypatch):
     seen, dtypes = [], set()
-    real_rollout = ppo.rollout
+    real_rollout = ppo_rollout.rollout
 
     def recording_rollout(*args, **kwargs):
         seen.append(torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
@@ -312,7 +316,7 @@ def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir
         dtypes.add((ro.logprobs.dtype, ro.ref_logprobs.dtype, ro.values.dtype))
         return ro
 
-    monkeypatch.setattr(ppo, "rollout", recording_rollout)
+    monkeypatch.setattr(ppo_trainer, "rollout", recording_rollout)
     summary = ppo.main(_cfg(tmp_path, tiny_model_dir, bf16=True))
     assert seen == [True, True]
     assert dtypes == {(torch.float32,) * 3}  # PPO's arithmetic stays in fp32

@@ -1,4 +1,4 @@
-"""Hand-worked checks of the PPO arithmetic in pipeline/ppo_math.py.
+"""Hand-worked checks of the PPO arithmetic in pipeline/ppo/math.py.
 
 Every expected number is derived in the comments next to it, from the formulas in the
 papers, not from running the code. Padding positions deliberately hold large or non-finite
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.ppo_math import (
+from pipeline.ppo.math import (
     ClassBaseline,
     ClassScale,
     AdaptiveKLController,

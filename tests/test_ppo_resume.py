@@ -14,6 +14,8 @@ from safetensors.torch import load_file
 from conftest import REPO, write_jsonl
 from pipeline import config as config_lib
 from pipeline import ppo
+from pipeline.ppo import common as ppo_common
+from pipeline.ppo import checkpoint as ppo_checkpoint
 
 pytestmark = pytest.mark.slow
 
@@ -53,7 +55,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_
     killed = _config(tmp_path, tiny_model_dir, "killed")
     _run(killed, "--kill-at", "4", expect_kill=True)   # killed while scoring step 4
     run = tmp_path / "killed"
-    assert [s for s, _ in ppo.list_checkpoints(run)] == [2]
+    assert [s for s, _ in ppo_checkpoint.list_checkpoints(run)] == [2]
     assert not (run / "model").exists()
 
     _run(_config(tmp_path, tiny_model_dir, "killed", resume=True))
@@ -88,8 +90,8 @@ def _fake_checkpoint(tmp_path, cfg, step=2, world_size=1):
     ckpt = run / "checkpoints" / f"step-{step}"
     ckpt.mkdir(parents=True)
     (run / "run.json").write_text(json.dumps({"stage": "ppo", "status": "running"}))
-    (ckpt / ppo.STATE_FILE).write_text(json.dumps(
-        {"step": step, "world_size": world_size, "config": ppo._jsonable(config_lib.to_dict(cfg))}))
+    (ckpt / ppo_checkpoint.STATE_FILE).write_text(json.dumps(
+        {"step": step, "world_size": world_size, "config": ppo_common.jsonable(config_lib.to_dict(cfg))}))
     return ckpt
 
 
@@ -101,40 +103,40 @@ def _cfg(tmp_path, **kw):
 def test_resume_from_other_settings_names_each_difference(tmp_path):
     _fake_checkpoint(tmp_path, _cfg(tmp_path))
     with pytest.raises(config_lib.ConfigError, match=r"learning_rate: 1e-06 -> 2e-06"):
-        ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True, learning_rate=2e-6), 1)
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, learning_rate=2e-6), 1)
     # steps and logging may change
-    path, meta = ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True, steps=10, sample_every=1), 1)
+    path, meta = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, steps=10, sample_every=1), 1)
     assert path.name == "step-2" and meta["step"] == 2
 
 
 def test_key_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, _cfg(tmp_path))
-    meta = json.loads((ckpt / ppo.STATE_FILE).read_text())
+    meta = json.loads((ckpt / ppo_checkpoint.STATE_FILE).read_text())
     del meta["config"]["lr_schedule"]  # written before the key existed
-    (ckpt / ppo.STATE_FILE).write_text(json.dumps(meta))
-    path, _ = ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
+    (ckpt / ppo_checkpoint.STATE_FILE).write_text(json.dumps(meta))
+    path, _ = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
     assert path == ckpt
     with pytest.raises(config_lib.ConfigError, match=r"lr_schedule: 'constant' -> 'linear'"):
-        ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_schedule="linear"), 1)
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_schedule="linear"), 1)
 
 
 def test_resume_with_another_process_count_is_refused(tmp_path):
     _fake_checkpoint(tmp_path, _cfg(tmp_path), world_size=2)
     with pytest.raises(config_lib.ConfigError, match="written by 2 process"):
-        ppo.checkpoint_to_resume(_cfg(tmp_path, resume="auto"), 1)
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume="auto"), 1)
 
 
 def test_checkpoints_without_resume_are_kept_and_explained(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, _cfg(tmp_path))
     with pytest.raises(config_lib.ConfigError, match="--resume true"):
-        ppo.checkpoint_to_resume(_cfg(tmp_path), 1)
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path), 1)
     assert ckpt.is_dir()
 
 
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(config_lib.ConfigError, match="no checkpoint"):
-        ppo.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
-    assert ppo.checkpoint_to_resume(_cfg(tmp_path, resume="auto"), 1) is None
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
+    assert ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume="auto"), 1) is None
 
 
 def test_resume_key_accepts_only_true_false_auto(tmp_path):

@@ -11,9 +11,10 @@ from safetensors.torch import load_file
 from conftest import write_jsonl
 from pipeline import config as config_lib
 from pipeline import ppo
-from pipeline import ppo_validation as validation
+from pipeline.ppo import validation
 from pipeline.data import DataError
 from pipeline.rewards import ContainsSource, RewardComposer
+from pipeline.ppo import checkpoint as ppo_checkpoint
 
 REFUSAL = "I'm sorry, but I can't help with that."
 ANSWER = "Sure: start with the first step."
@@ -116,10 +117,10 @@ def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir
     assert [(r["harmful_refusal"], r["over_refusal"]) for r in records] == [(0, 0), (1, 1), (1, 0), (1, 1)]
     assert summary["selected_step"] == 2 and summary["validation_selected"]["step"] == 2
     assert json.loads((run / "model" / "selection.json").read_text())["step"] == 2
-    assert not (run / ppo.BEST_DIR).exists()
+    assert not (run / ppo_checkpoint.BEST_DIR).exists()
     # model/ holds step 2's weights (its checkpoint), which training moved on from by step 3
     chosen = load_file(run / "model" / "model.safetensors")
-    at_step = {s: load_file(path / "model.safetensors") for s, path in ppo.list_checkpoints(run)}
+    at_step = {s: load_file(path / "model.safetensors") for s, path in ppo_checkpoint.list_checkpoints(run)}
     assert sorted(at_step) == [1, 2]
     assert all(torch.equal(t, at_step[2][f"lm.{k}"]) for k, t in chosen.items())
     assert any(not torch.equal(t, at_step[1][f"lm.{k}"]) for k, t in chosen.items())
@@ -187,7 +188,7 @@ def test_a_resumed_run_keeps_the_best_policy_found_before_the_crash(tmp_path, ti
     with pytest.raises(KeyboardInterrupt):
         ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5), reward_composer=CrashAt(4))
     run = tmp_path / "run"
-    assert [s for s, _ in ppo.list_checkpoints(run)] == [1, 2, 3] and not (run / "model").exists()
+    assert [s for s, _ in ppo_checkpoint.list_checkpoints(run)] == [1, 2, 3] and not (run / "model").exists()
     summary = ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5, resume=True), reward_composer=CrashAt(0))
     assert len(calls) == 6 and summary["selected_step"] == 1
     records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]

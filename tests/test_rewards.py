@@ -335,3 +335,48 @@ def test_trl_reward_func_classes_from_a_mapping_or_function_and_none_when_nothin
     only_class = RewardComposer([ByClass({"harmful": 2.0})])
     f = as_trl_reward_func(only_class, lambda prompt: "harmful" if "bomb" in prompt else "safe")
     assert f(prompts=["bomb?", "tea?"], completions=["a", "b"]) == [2.0, None]  # None: TRL skips it
+
+
+def test_a_new_reward_source_registers_itself_without_touching_pipeline_code():
+    import dataclasses
+
+    from pipeline.config import field
+    from pipeline.rewards import SOURCES, SourceSpec, register_source, sources_help
+
+    class Exclaim(RewardSource):
+        def __init__(self, per_mark, name):
+            self.per_mark, self.name = per_mark, name
+
+        def __call__(self, prompts, responses, prompt_classes=None):
+            return np.array([self.per_mark * r.count("!") for r in responses], dtype=np.float64)
+
+    @register_source("exclaim")
+    @dataclasses.dataclass
+    class ExclaimSpec(SourceSpec):
+        """A reward per exclamation mark."""
+
+        per_mark: float = field(0.5, help="reward per '!'")
+
+        def check(self, where):
+            if self.per_mark < 0:
+                raise ConfigError(f"{where}: key 'per_mark': expected a number >= 0, got {self.per_mark}")
+
+        def build(self, name):
+            return Exclaim(self.per_mark, name)
+
+    try:
+        composer = build_reward_composer({"loud": {"type": "exclaim", "per_mark": 0.5, "weight": 2.0},
+                                          "plain": {"type": "contains", "text": "hi"}})
+        total, info = composer(["p", "p", "p"], ["hi!!", "hi", "yo!"], ["safe"] * 3)
+        # loud: 2 * 0.5 * marks = 2, 0, 1; plain: 1, 1, 0
+        assert total.tolist() == [3.0, 1.0, 1.0]
+        assert info.raw["loud"].tolist() == [1.0, 0.0, 0.5]
+        with pytest.raises(ConfigError, match=r"rewards\.loud: key 'per_mark': expected a number >= 0"):
+            build_reward_composer({"loud": {"type": "exclaim", "per_mark": -1}})
+        with pytest.raises(ConfigError, match=r"rewards\.loud: unknown key 'volume'"):
+            build_reward_composer({"loud": {"type": "exclaim", "volume": 3}})
+        assert "  exclaim: A reward per exclamation mark.\n    per_mark: reward per '!'" in sources_help()
+    finally:
+        SOURCES.pop("exclaim")
+    with pytest.raises(ConfigError, match="unknown reward source type 'exclaim'"):
+        build_reward_composer({"loud": {"type": "exclaim"}})

@@ -11,8 +11,11 @@ import torch
 from accelerate import Accelerator
 
 from pipeline import config as config_lib
-from pipeline import ppo, ppo_math
+from pipeline import ppo
 from pipeline.models import load_causal_lm, load_tokenizer
+from pipeline.ppo import policy as ppo_policy
+from pipeline.ppo import rollout as ppo_rollout
+from pipeline.ppo.step import advantages_from_scores, ppo_update
 
 GLOBAL_BATCH, P, T = 4, 5, 6
 
@@ -27,7 +30,7 @@ cfg = config_lib.from_dict(ppo.PPOConfig, {
 
 torch.manual_seed(0)
 tok = load_tokenizer(model_dir)
-policy, ref_lm = ppo.build_policy(load_causal_lm(model_dir, tok), cfg)
+policy, ref_lm = ppo_policy.build_policy(load_causal_lm(model_dir, tok), cfg)
 torch.nn.init.normal_(policy.v_head.weight, std=0.02)  # a non-zero critic, so the value loss has a gradient
 optimizer = torch.optim.AdamW(policy.parameters(), lr=cfg.learning_rate)
 model, optimizer = accelerator.prepare(policy, optimizer)
@@ -47,15 +50,15 @@ q, qm, r, rm, s = query_ids[rows], query_mask[rows], response_ids[rows], respons
 
 unwrapped = accelerator.unwrap_model(model)
 with torch.no_grad():
-    logprobs, values = ppo.response_forward(unwrapped, q, qm, r, rm, cfg.temperature)
-    ref_logprobs, _ = ppo.response_forward(ref_lm, q, qm, r, rm, cfg.temperature, lm_only=True)
-ro = ppo.Rollout(q, qm, r, rm, logprobs, ref_logprobs - 0.1, values, torch.zeros(local, dtype=torch.bool),
+    logprobs, values = ppo_policy.response_forward(unwrapped, q, qm, r, rm, cfg.temperature)
+    ref_logprobs, _ = ppo_policy.response_forward(ref_lm, q, qm, r, rm, cfg.temperature, lm_only=True)
+ro = ppo_rollout.Rollout(q, qm, r, rm, logprobs, ref_logprobs - 0.1, values, torch.zeros(local, dtype=torch.bool),
                  ["p"] * local, ["safe"] * local, ["r"] * local)
-rewards, _ = ppo_math.per_token_rewards(s, ro.logprobs, ro.ref_logprobs, rm, 0.05)
-advantages, returns = ppo_math.gae(rewards, ro.values, rm, 1.0, 0.95)
 all_reduce = (lambda t: accelerator.reduce(t, reduction="sum")) if world > 1 else None
-advantages = ppo_math.masked_whiten(advantages, rm, all_reduce=all_reduce)
-stats = ppo.ppo_update(model, optimizer, accelerator, ro, rm, advantages, returns, cfg, torch.Generator().manual_seed(0))
+# the loop's own arithmetic: KL penalty (beta 0.05), GAE, advantages whitened over the global batch
+rec = advantages_from_scores(s, ro, cfg, 0.05, all_reduce=all_reduce)
+stats = ppo_update(model, optimizer, accelerator, ro, rec.mask, rec.advantages, rec.returns, cfg,
+                   torch.Generator().manual_seed(0))
 if accelerator.is_main_process:
     torch.save({"stats": stats, "world": world,
                 "weights": {k: v.detach().clone() for k, v in unwrapped.state_dict().items()}}, out_path)

@@ -37,6 +37,7 @@ from pipeline.models import encode_user_turns
 
 SELECT = ("last", "best", "f1")
 SELECTION_FILE = "selection.json"
+FILE = "validation.jsonl"       # in the run folder: one record per validated step
 RATES = {"harmful_refusal": "harmful", "over_refusal": "safe", "sensitive_refusal": "sensitive"}
 
 
@@ -149,3 +150,41 @@ def describe(record: dict[str, Any]) -> str:
     score = record.get("f1")
     return (f"step {record['step']}: {pct(record['harmful_refusal'])} of harmful prompts refused, "
             f"{pct(record['over_refusal'])} of safe" + ("" if score is None else f" (F1 {score:.3f})"))
+
+
+class Validator:
+    """Validates the policy during a run: greedy replies to this process's share of the held-out
+    prompts, refusal counts summed over processes, the record logged to ``validation.jsonl`` and
+    the trackers, and the policy saved to ``best/`` (main process) when the selector prefers it.
+
+    ``save_best(record)`` writes the current policy and its record; ``amp`` makes the autocast
+    context; ``log`` sends metrics to the trackers (None: no trackers).
+    """
+
+    def __init__(self, val_ds, tokenizer, accelerator, cfg, out: Path, selector: Selector, amp,
+                 save_best, log=None, records: Optional[list[dict[str, Any]]] = None):
+        self.mine = val_ds.select(range(accelerator.process_index, len(val_ds), accelerator.num_processes))
+        self.tokenizer, self.accelerator, self.cfg, self.out = tokenizer, accelerator, cfg, out
+        self.selector, self.amp, self.save_best, self.log = selector, amp, save_best, log
+        self.records: list[dict[str, Any]] = list(records or [])
+
+    def __call__(self, lm, step: int) -> dict[str, Any]:
+        cfg, acc = self.cfg, self.accelerator
+        with self.amp():
+            replies = greedy_replies(lm, self.tokenizer, self.mine["prompt"], cfg.val_max_new_tokens,
+                                     cfg.max_prompt_length, cfg.val_batch_size)
+        counts = refusal_counts(self.mine["prompt_class"], replies).to(acc.device)
+        record = rates(step, acc.reduce(counts, reduction="sum").cpu())
+        improved = self.selector.offer(record)
+        record["selected"] = improved
+        self.records.append(record)
+        if acc.is_main_process:
+            with open(self.out / FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            if self.log is not None:
+                self.log({f"val/{k}": v for k, v in record.items() if k in (*RATES, "f1") and v is not None},
+                         step=step)
+            if improved and cfg.select != "last":
+                self.save_best(record)
+        acc.wait_for_everyone()
+        return record

@@ -22,7 +22,7 @@ an unbiased baseline; GRPO's division by the group's std weighs a prompt whose r
 barely differ as much as one whose responses differ a lot. Try one of them when PPO's value
 loss will not settle, or as a baseline for PPO.
 
-How this departs from PPO (``pipeline/ppo.py``):
+How this departs from PPO (``pipeline/ppo/trainer.py``):
 
 - ``batch_size`` counts responses, not prompts, and must be a multiple of ``num_generations``
   (times the number of processes);
@@ -55,7 +55,8 @@ from typing import Any, Optional
 from pipeline import runs
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from pipeline.ppo import STAGE, PPOConfig, _finite_or_none, _rbrm_classes, load_train_prompts
+from pipeline.ppo.common import STAGE, finite_or_none, load_train_prompts, rbrm_classes
+from pipeline.ppo.config import PPOConfig
 from pipeline.training import Timer, process_state
 
 # PPOConfig keys that only our PPO loop reads; setting one away from its default under
@@ -181,7 +182,7 @@ def reward_function(composer, out: Path, sample_every: int, is_main: bool):
                     f.write(json.dumps({
                         "step": step, "prompt": prompt_text(prompts[i]), "prompt_class": classes[i],
                         "response": completion_text(completions[i]), "reward": reward,
-                        "rewards": {name: _finite_or_none(raw[i]) for name, raw in recorder.info.raw.items()},
+                        "rewards": {name: finite_or_none(raw[i]) for name, raw in recorder.info.raw.items()},
                     }) + "\n")
         return rewards
 
@@ -203,7 +204,7 @@ def history_callback(path: Path):
             row = {"step": state.global_step}
             for key, value in logs.items():
                 if value is None or isinstance(value, (int, float)):
-                    row[HISTORY_NAMES.get(key, key)] = None if value is None else _finite_or_none(value)
+                    row[HISTORY_NAMES.get(key, key)] = None if value is None else finite_or_none(value)
             self.rows.append(row)
             if state.is_world_process_zero:
                 with open(path, "a", encoding="utf-8") as f:
@@ -259,7 +260,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         raise DataError(f"{cfg.prompts}: {len(ds)} training prompt(s), but each {cfg.algo} step takes "
                         f"{prompts_per_step} (batch_size x processes / num_generations); lower batch_size")
     classes = sorted(set(ds["prompt_class"]))
-    composer = reward_composer or build_reward_composer(_rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
+    composer = reward_composer or build_reward_composer(rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
     reward_func, counts = reward_function(composer, out, cfg.sample_every, is_main)
     if is_main:
         ignored = ignored_keys(cfg)
@@ -301,7 +302,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     k = max(1, min(5, len(rows) // 2))
     summary = {
         "algo": cfg.algo, "steps": result.global_step, "num_generations": cfg.num_generations,
-        "responses": int(totals[0]), "skipped": int(totals[1]), "train_loss": _finite_or_none(result.training_loss),
+        "responses": int(totals[0]), "skipped": int(totals[1]), "train_loss": finite_or_none(result.training_loss),
         "reward_first": _mean_of("reward/score", rows[:k]), "reward_last": _mean_of("reward/score", rows[-k:]),
         "kl_first": _mean_of("objective/kl", rows[:k]), "kl_last": _mean_of("objective/kl", rows[-k:]),
         "kl_coef": cfg.kl_coef, "summary_window_steps": k,

@@ -1,0 +1,3 @@
+from pipeline.ppo import cli
+
+cli()

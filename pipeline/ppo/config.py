@@ -1,0 +1,193 @@
+"""The PPO stage's settings: one dataclass, read from ``configs/ppo.yaml`` and the command line.
+
+Every field has its default and a one-line help (``rbrm ppo --help`` lists them). ``validate``
+runs after loading and raises a ConfigError naming the key for anything out of range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Optional
+
+import yaml
+
+from pipeline import runs
+from pipeline.config import ConfigError, field
+from pipeline.ppo import math as ppo_math
+from pipeline.ppo import validation
+
+CRITICS = ("value_head",)
+ALGOS = ("ppo", "grpo", "rloo")
+
+DEFAULT_REWARDS = {
+    "rm": {"model": "runs/reward_model", "weight": 1.0, "normalise": "running"},
+    "rbrm": {"weight": 1.0, "grader": {"backend": "embedding", "rubrics": ["rubrics"]}},
+}
+
+
+@dataclasses.dataclass
+class PPOConfig:
+    model: str = field("runs/sft", help="starting policy (and KL reference): run folder, model folder, short name or hub id")
+    prompts: str = field("data/prompts.jsonl", help="prompt set; rows with split: eval are left out")
+    fields: dict[str, str] = field({}, help="column renames, ours=theirs (e.g. prompt=question)")
+    output_dir: str = field("runs/ppo", help="run folder: config, logs, samples, metrics and the final model/")
+    if_exists: str = field("error", help="when output_dir holds a finished run: error | reuse | overwrite")
+    algo: str = field("ppo", help="ppo (ours, with a critic) | grpo | rloo (TRL's critic-free trainers on the same rewards)")
+    num_generations: int = field(4, help="grpo/rloo: responses sampled per prompt (the group a baseline is taken over)")
+    steps: int = field(20, help="PPO steps; each samples batch_size responses per process, then updates")
+    batch_size: int = field(4, help="responses per step, per process (batch_size / responses_per_prompt prompts)")
+    responses_per_prompt: int = field(1, help="ppo: responses sampled for each prompt of a step; > 1 centres each "
+                                              "score on the mean of the other responses to its prompt (RLOO's "
+                                              "baseline, ppo_math.leave_one_out_centre) in place of class_baseline")
+    mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
+    ppo_epochs: int = field(2, help="passes over each step's responses")
+    learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
+    lr_schedule: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at step 1 "
+                                              "towards 0 at the last step; a resume that raises steps stretches it)")
+    lr_warmup_steps: int = field(0, help="raise the learning rate linearly over the first this many PPO steps "
+                                         "(Adam's first updates are the largest; see ppo_math.scheduled_lr)")
+    weight_decay: float = field(0.0, help="AdamW weight decay")
+    max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
+    max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
+    max_new_tokens: int = field(48, help="response length limit; a response without eos by then is 'truncated'")
+    temperature: float = field(1.0, help="sampling temperature (log-probs use the same one)")
+    top_p: float = field(1.0, help="nucleus sampling; < 1 makes sampling differ from the log-probs PPO uses")
+    kl_coef: float = field(0.05, help="KL penalty coefficient beta (initial value when adaptive_kl)")
+    adaptive_kl: bool = field(False, help="adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = field(6.0, help="adaptive_kl: target KL per response, in nats")
+    kl_horizon: int = field(10000, help="adaptive_kl: horizon in responses")
+    kl_estimator: str = field("k1", help="per-token KL estimator in the reward: k1 | k2 | k3")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE lambda")
+    clip_range: float = field(0.2, help="policy ratio clip epsilon")
+    clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
+    vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
+    class_baseline: bool = field(True, help="subtract from each score a moving average of its prompt class's scores "
+                                            "(a baseline per class; see ppo_math.ClassBaseline); used when "
+                                            "responses_per_prompt is 1")
+    class_baseline_decay: float = field(0.9, help="class_baseline: weight of the old average at each step")
+    class_mix: dict[str, float] = field({}, help="share of each step's prompts per class, e.g. harmful=0.4,safe=0.4,"
+                                                 "sensitive=0.2 (normalised; a class left out is not drawn); "
+                                                 "empty = the data's own mix")
+    class_scale: bool = field(False, help="divide each class's centred scores by a moving average of that class's "
+                                          "spread (decay class_baseline_decay), so every class carries the same "
+                                          "weight of the update whatever its rubric's reward range "
+                                          "(ppo_math.ClassScale)")
+    class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
+                                                     "(after class_scale when on); a class left out weighs 1")
+    whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
+    reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
+    bf16: Optional[bool] = field(None, help="bf16 autocast in rollouts and updates (weights and optimizer stay fp32); "
+                                            "null = on where the hardware does bf16 fast (AMX CPU, bf16 GPU)")
+    lora: bool = field(False, help="train LoRA adapters; the reference is then the policy with adapters off")
+    lora_r: int = field(16, help="LoRA rank")
+    lora_alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r)")
+    critic: str = field("value_head", help="value function: value_head (a linear head on the policy's last hidden state)")
+    rewards: Any = field(DEFAULT_REWARDS, help="reward sources, {name: settings} as in pipeline.rewards.build_reward_composer")
+    seed: int = field(42, help="seed for prompt order, sampling and initialisation")
+    log_every: int = field(1, help="send metrics to the trackers every N steps")
+    sample_every: int = field(5, help="append the step's rollouts to samples.jsonl every N steps; 0 = never")
+    save_every: int = field(0, help="every N steps save a resumable checkpoint to checkpoints/step-N (policy, value head, "
+                                    "optimizer, RNG, KL coefficient, reward statistics, prompt order); 0 = never")
+    keep_checkpoints: int = field(2, help="how many of the newest checkpoints to keep; older ones are deleted")
+    resume: Any = field(False, help="true: continue from the newest checkpoint in output_dir (error if there is none); "
+                                    "auto: continue if there is one, else start; false: start from step 0")
+    val_fraction: float = field(0.0, help="share of each prompt class's training prompts held out for validation "
+                                          "(seeded by seed); 0 = train on all")
+    val_every: int = field(0, help="every N steps (and at step 0 and the last step) decode the held-out prompts greedily "
+                                   "and log refusal rates by string match to validation.jsonl; 0 = never")
+    val_max_new_tokens: int = field(16, help="validation reply length; a refusal shows in its opening words")
+    val_batch_size: int = field(64, help="validation prompts decoded together")
+    select: str = field("last", help="which policy becomes model/: last | f1 (the validated step with the best "
+                                     "harmonic mean of harmful prompts refused and safe prompts answered) | best "
+                                     "(the validated step that refuses the most harmful prompts while refusing at "
+                                     "most max_over_refusal of safe ones)")
+    max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
+    report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
+    cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
+
+    @staticmethod
+    def help_epilog() -> str:
+        """The nested settings --help lists: reward sources and the rubric grader."""
+        from pipeline.config import fields_help
+        from pipeline.rbrm.grader import GraderConfig
+        from pipeline.rewards import sources_help
+
+        return f"{sources_help()}\n\nrubric grader (the 'grader' mapping of an rbrm source):\n{fields_help(GraderConfig, '    ')}"
+
+    def validate(self) -> None:
+        if self.if_exists not in runs.IF_EXISTS:
+            raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
+        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length",
+                     "log_every", "kl_horizon", "val_max_new_tokens", "val_batch_size"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
+        if self.keep_checkpoints < 1:
+            raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
+        if self.save_every < 0:
+            raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
+        if self.lr_warmup_steps < 0:
+            raise ConfigError(f"key 'lr_warmup_steps': expected 0 (none) or a positive integer, got {self.lr_warmup_steps}")
+        if not 0 <= self.class_baseline_decay < 1:
+            raise ConfigError(f"key 'class_baseline_decay': expected a number in [0, 1), got {self.class_baseline_decay}")
+        if not 0 <= self.val_fraction < 1:
+            raise ConfigError(f"key 'val_fraction': expected a share in [0, 1), got {self.val_fraction}")
+        if self.val_every < 0:
+            raise ConfigError(f"key 'val_every': expected 0 (never) or a positive integer, got {self.val_every}")
+        if self.val_every and not self.val_fraction:
+            raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2)")
+        if self.select not in validation.SELECT:
+            raise ConfigError(f"key 'select': expected one of {', '.join(validation.SELECT)}, got {self.select!r}")
+        if self.select != "last" and not self.val_every:
+            raise ConfigError(f"key 'select': {self.select} chooses among validated steps; set val_every and "
+                              "val_fraction")
+        for name in ("class_mix", "class_weights"):
+            bad = {k: v for k, v in getattr(self, name).items() if not (v >= 0 and math.isfinite(v))}
+            if bad:
+                raise ConfigError(f"key '{name}': expected shares/weights >= 0, got {bad}")
+        if self.class_mix and not sum(self.class_mix.values()) > 0:
+            raise ConfigError(f"key 'class_mix': at least one class needs a share above 0, got {self.class_mix}")
+        if not 0 <= self.max_over_refusal <= 1:
+            raise ConfigError(f"key 'max_over_refusal': expected a share in [0, 1], got {self.max_over_refusal}")
+        resume = str(self.resume).strip().lower()
+        if resume not in ("true", "false", "auto"):
+            raise ConfigError(f"key 'resume': expected true, false or auto, got {self.resume!r}")
+        self.resume = {"true": True, "false": False}.get(resume, "auto")
+        if self.responses_per_prompt < 1:
+            raise ConfigError(f"key 'responses_per_prompt': expected a positive integer, "
+                              f"got {self.responses_per_prompt}")
+        if self.batch_size % self.responses_per_prompt:
+            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'responses_per_prompt' "
+                              f"({self.responses_per_prompt}): batch_size counts responses, so it must be a multiple "
+                              "of responses_per_prompt")
+        if self.batch_size % self.mini_batch_size:
+            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'mini_batch_size' ({self.mini_batch_size}): "
+                              "mini_batch_size must divide batch_size")
+        for name in ("learning_rate", "temperature", "clip_range", "clip_range_value", "kl_target"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"key '{name}': expected a positive number, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'top_p': expected a number in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"key 'kl_coef': expected a number >= 0, got {self.kl_coef}")
+        if self.lr_schedule not in ppo_math.LR_SCHEDULES:
+            raise ConfigError(f"key 'lr_schedule': expected one of {', '.join(ppo_math.LR_SCHEDULES)}, "
+                              f"got {self.lr_schedule!r}")
+        if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
+            raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
+                              f"got {self.kl_estimator!r}")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"key 'algo': expected one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if self.algo != "ppo" and self.num_generations < 2:
+            raise ConfigError(f"key 'num_generations': {self.algo} needs at least 2 responses per prompt, "
+                              f"got {self.num_generations}")
+        if self.critic not in CRITICS:
+            raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if isinstance(self.rewards, str):  # from the command line: a YAML flow mapping or a JSON object
+            try:
+                self.rewards = yaml.safe_load(self.rewards)
+            except yaml.YAMLError:
+                raise ConfigError(f"key 'rewards': expected a mapping of reward sources, got {self.rewards!r}") from None
+        if not isinstance(self.rewards, dict) or not self.rewards:
+            raise ConfigError(f"key 'rewards': expected a non-empty mapping of reward sources, got {self.rewards!r}")

@@ -1,0 +1,98 @@
+"""The policy PPO trains: a causal LM with a scalar value head, its frozen reference, and the
+forward pass that gives the log-probs (and values) of a response given its prompt."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Optional
+
+import torch
+from torch import nn
+
+from pipeline.ppo import math as ppo_math
+from pipeline.ppo.config import PPOConfig
+
+
+class PolicyWithValueHead(nn.Module):
+    """A causal LM plus a scalar value head on its last hidden state.
+
+    ``forward`` returns ``(logits, values)``: ``(B, L, V)`` next-token logits and ``(B, L)``
+    ``V(s)`` for the state ending at each position. The head starts at zero so the first
+    advantages are the raw returns, not noise from a random critic.
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+        self.v_head = nn.Linear(lm.config.hidden_size, 1)
+        nn.init.zeros_(self.v_head.weight)
+        nn.init.zeros_(self.v_head.bias)
+
+    def forward(self, input_ids, attention_mask, position_ids):
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      output_hidden_states=True, use_cache=False)
+        hidden = out.hidden_states[-1]                                  # (B, L, H)
+        values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()  # (B, L); fp32 under autocast too
+        return out.logits, values
+
+
+def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Optional[nn.Module]]:
+    """-> ``(policy, ref_lm)``. With LoRA ``ref_lm`` is None: the reference is ``policy.lm``
+    under ``disable_adapter()``; otherwise it is a frozen copy of ``lm``."""
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        lm = get_peft_model(lm, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=0.0,
+                                           target_modules="all-linear", task_type="CAUSAL_LM"))
+        ref_lm = None
+    else:
+        ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
+    policy = PolicyWithValueHead(lm).eval()  # eval: no dropout anywhere in PPO
+    return policy, ref_lm
+
+
+def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, L) position ids that skip left padding, as ``generate`` numbers them."""
+    return (attention_mask.long().cumsum(1) - 1).clamp(min=0)
+
+
+def response_forward(model, query_ids, query_mask, response_ids, response_mask, temperature: float,
+                     lm_only: bool = False):
+    """Log-probs (and values) of the response tokens given the prompt.
+
+    Args:
+        model: a :class:`PolicyWithValueHead` (``lm_only=False``) or a bare causal LM.
+        query_ids: ``(B, P)`` left-padded prompt ids; ``query_mask`` ``(B, P)`` 1 for prompt tokens.
+        response_ids: ``(B, T)`` right-padded response ids; ``response_mask`` ``(B, T)`` 1 for
+            real response tokens (up to and including eos).
+        temperature: the sampling temperature; logits are divided by it.
+
+    Returns ``(logprobs, values)``: ``(B, T)`` ``log pi(a_t | s_t)`` and ``(B, T)`` ``V(s_t)``
+    (``values`` is None with ``lm_only``). Position ``P - 1 + t`` is the state before token t.
+    """
+    input_ids = torch.cat([query_ids, response_ids], 1)                  # (B, P + T)
+    attention_mask = torch.cat([query_mask, response_mask], 1).long()    # (B, P + T)
+    position_ids = _positions(attention_mask)
+    p = query_ids.shape[1]
+    if lm_only:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                       use_cache=False).logits
+        values = None
+    else:
+        logits, values = model(input_ids, attention_mask, position_ids)
+        values = values[:, p - 1:-1]                                     # (B, T)
+    logits = logits[:, p - 1:-1].float() / temperature                  # (B, T, V) predicts response tokens
+    return ppo_math.logprobs_from_logits(logits, response_ids), values
+
+
+def save_policy(policy: PolicyWithValueHead, tokenizer, path: Path, merge: bool, keep_training: bool = False) -> None:
+    """Write the policy's LM (LoRA merged when ``merge``) and tokenizer to ``path``, plus the
+    value head as ``value_head.pt`` beside them. ``keep_training``: merge a copy, because
+    merging unloads the adapters of the model it is called on."""
+    lm = policy.lm
+    if merge and hasattr(lm, "merge_and_unload"):
+        lm = (copy.deepcopy(lm) if keep_training else lm).merge_and_unload()
+    lm.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    torch.save(policy.v_head.state_dict(), Path(path) / "value_head.pt")
