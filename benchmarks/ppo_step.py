@@ -1,4 +1,4 @@
-"""PPO step time and peak memory: ours (pipeline/ppo.py) against TRL 1.12's PPOTrainer.
+"""PPO step time and peak memory: ours (pipeline/ppo/) against TRL 1.12's PPOTrainer.
 
 Both sides train the same policy (SmolLM2-135M-Instruct from the project's model cache) on
 the same prompt batches, in the same order, with the same batch size, mini-batch size, PPO
@@ -75,13 +75,14 @@ def worker_ours(spec: dict) -> dict:
 
     from pipeline import config as config_lib
     from pipeline import ppo
+    from pipeline.ppo import trainer
 
     rewards = {"rm": {"model": spec["rm"], "weight": 1.0}}
     if spec["rbrm"]:
         rewards["rbrm"] = RBRM_REWARD
     cfg = config_lib.from_dict(ppo.PPOConfig, {
         "model": spec["policy"], "prompts": str(ROOT / "data" / "prompts.jsonl"), "output_dir": spec["output_dir"],
-        "steps": spec["steps"], "batch_size": spec["batch_size"], "mini_batch_size": spec["mini_batch_size"],
+        "max_steps": spec["steps"], "batch_size": spec["batch_size"], "mini_batch_size": spec["mini_batch_size"],
         "ppo_epochs": spec["ppo_epochs"], "max_new_tokens": spec["max_new_tokens"],
         "max_prompt_length": spec["max_prompt_length"], "temperature": spec["temperature"],
         "kl_coef": spec["kl_coef"], "learning_rate": spec["learning_rate"], "lora": spec["lora"],
@@ -93,27 +94,27 @@ def worker_ours(spec: dict) -> dict:
     # Training ends where main() saves the policy: take the memory high-water mark there, so
     # writing the model folder (which TRL's side does not do) is not counted.
     at_train_end: dict[str, float] = {}
-    save_policy = ppo.save_policy
+    save_policy = trainer.save_policy
 
     def save_policy_after_mark(*args, **kwargs):
         at_train_end.setdefault("peak_rss_mib", peak_rss_mib())
         return save_policy(*args, **kwargs)
 
     built: dict[str, int] = {}
-    build_policy = ppo.build_policy
+    build_policy = trainer.build_policy
 
     def build_policy_counted(lm, cfg):
         policy, ref_lm = build_policy(lm, cfg)
         built["trainable_params"] = sum(p.numel() for p in policy.parameters() if p.requires_grad)
         return policy, ref_lm
 
-    ppo.save_policy, ppo.build_policy = save_policy_after_mark, build_policy_counted
+    trainer.save_policy, trainer.build_policy = save_policy_after_mark, build_policy_counted
     ppo.main(cfg)
 
     out = Path(spec["output_dir"])
     history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines() if line.strip()]
     if "time/step_s" not in history[0]:
-        raise SystemExit("pipeline/ppo.py does not log time/step_s in history.jsonl; this benchmark needs it")
+        raise SystemExit("pipeline/ppo/trainer.py does not log time/step_s in history.jsonl; this benchmark needs it")
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line.strip()]
     step_s = [h["time/step_s"] for h in history]
     n_resp = spec["batch_size"] * len(history)
@@ -365,7 +366,7 @@ def markdown(results: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(
-        description="Per-step wall time and peak memory of our PPO (pipeline/ppo.py) against TRL 1.12's "
+        description="Per-step wall time and peak memory of our PPO (pipeline/ppo/) against TRL 1.12's "
                     "experimental PPOTrainer, same policy, prompts, batch size, response length and reward model, "
                     "for full fine-tuning and LoRA; plus ours with the RBRM reward on. Each side runs in its own "
                     "subprocess; TRL 1.12 in its own venv (created on first use).",

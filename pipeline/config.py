@@ -154,12 +154,16 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", overrides
     """Build ``cls`` from a mapping (plus command-line ``overrides``), rejecting unknown keys
     and coercing types; every error names the file or flag it came from."""
     fields = _fields(cls)
+    data = _renamed(cls, data, source)
+    overrides = _renamed(cls, overrides or {}, "command line")
     kwargs = {}
     for key, value in data.items():
         if key not in fields:
             raise ConfigError(_unknown_key_message(str(key), list(fields), source))
         kwargs[key] = coerce(value, fields[key].type, f"{source}: key '{key}'")
-    for key, value in (overrides or {}).items():
+    for key, value in overrides.items():
+        if key not in fields:
+            raise ConfigError(_unknown_key_message(str(key), list(fields), "command line"))
         kwargs[key] = coerce(value, fields[key].type, f"command line: --{key}")
     try:
         cfg = cls(**kwargs)
@@ -174,6 +178,24 @@ def from_dict(cls: type, data: dict[str, Any], source: str = "<dict>", overrides
     return cfg
 
 
+def _renamed(cls: type, data: dict[str, Any], source: str, quiet: bool = False) -> dict[str, Any]:
+    """``data`` with the keys ``cls.RENAMED`` lists under their new names (a note on stderr for each)."""
+    renamed = getattr(cls, "RENAMED", {})
+    out = {}
+    for key, value in data.items():
+        new = renamed.get(key)
+        if new is None:
+            out[key] = value
+            continue
+        if new in data:
+            raise ConfigError(f"{source}: keys '{key}' and '{new}' are the same setting ('{key}' is its old name); "
+                              f"keep '{new}'")
+        if not quiet:
+            print(f"note: {source}: key '{key}' is now called '{new}'; read as '{new}'", file=sys.stderr)
+        out[new] = value
+    return out
+
+
 def to_dict(cfg: Any) -> dict[str, Any]:
     return dataclasses.asdict(cfg)
 
@@ -181,7 +203,7 @@ def to_dict(cfg: Any) -> dict[str, Any]:
 def with_defaults(cls: type, saved: dict[str, Any]) -> dict[str, Any]:
     """A config an earlier run saved, with each key added to ``cls`` since then at its default
     (what that run used), so comparing it with a new config names real differences only."""
-    return {**to_dict(cls()), **saved}
+    return {**to_dict(cls()), **_renamed(cls, saved, "saved config", quiet=True)}
 
 
 def save(cfg: Any, path: str | Path) -> None:
@@ -213,6 +235,9 @@ def build_parser(cls: type, prog: str, description: str) -> argparse.ArgumentPar
             metavar=_metavar(f.type),
             help=f"{f.metadata.get('help', '')} (default: {default!r})",
         )
+    for old, new in getattr(cls, "RENAMED", {}).items():
+        if new in _fields(cls):
+            group.add_argument(f"--{old}", dest=old, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return parser
 
 

@@ -31,7 +31,7 @@ from typing import Optional
 from pipeline import config as config_lib
 from pipeline.config import ConfigError
 from pipeline.data import DataError
-from pipeline.evaluation.report import _get
+from pipeline.evaluation.report import lookup
 from pipeline.models import DEFAULT_MODEL, ModelError, fetch
 from pipeline.rbrm.rubric import RubricError
 
@@ -51,7 +51,7 @@ def _class_block(summary: dict, model: str, prompt_set: str, cls: str) -> dict:
 
 
 def _figure(block: dict, key: str) -> float | None:
-    node = _get(block, key)
+    node = lookup(block, key)
     return node.get("value") if isinstance(node, dict) else None
 
 
@@ -179,7 +179,7 @@ def _seed_figures(summary: dict, model: str) -> dict[str, dict[str, Optional[flo
     for prompt_set, block in summary["models"].get(model, {}).items():
         out[prompt_set] = {}
         for _, key in SEED_FIGURES:
-            node = _get(block, key)
+            node = lookup(block, key)
             out[prompt_set][key] = node.get("value") if isinstance(node, dict) else None
     return out
 

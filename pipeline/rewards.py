@@ -250,7 +250,7 @@ class RewardComposer:
         normalise: source name -> ``"none"`` (raw values), ``"batch"`` (whitened with this
             batch's mean and standard deviation) or ``"running"`` (whitened with the mean and
             standard deviation of every value seen so far, this batch included:
-            :class:`pipeline.ppo_math.RunningMoments`). Missing names are ``"none"``. Only
+            :class:`pipeline.ppo.math.RunningMoments`). Missing names are ``"none"``. Only
             finite values enter the statistics; the standard deviation is the population one.
         clip: if set, the total is clipped to ``[-clip, clip]``.
 

@@ -8,7 +8,7 @@ import torch
 from test_ppo import _prompts_file
 from pipeline import config as config_lib
 from pipeline import ppo
-from pipeline.ppo import critic_free
+from pipeline.ppo import config as ppo_config
 from pipeline.data import DataError
 from pipeline.models import load_causal_lm
 from pipeline.rewards import ContainsSource, RewardComposer, RewardSource, prompt_text
@@ -23,10 +23,10 @@ def _cfg(tmp_path, model, **kw):
     if "prompts" not in kw:
         kw["prompts"] = str(_prompts_file(tmp_path))
     base = {"model": str(model), "output_dir": str(tmp_path / "run"),
-            "report_to": ["none"], "algo": "grpo", "steps": 2, "batch_size": 4, "num_generations": 2,
+            "report_to": ["none"], "algo": "grpo", "max_steps": 2, "batch_size": 4, "num_generations": 2,
             "max_new_tokens": 4, "learning_rate": 1e-2, "sample_every": 0,
             "rewards": {"contains": {"text": "a", "reward": 1}}}
-    return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
+    return ppo_config.from_dict({**base, **kw}, "test")
 
 
 def _lines(path):
@@ -39,13 +39,18 @@ def _lines(path):
     ("grpo", {"lora": True, "lora_r": 4, "lora_alpha": 8}),
 ], ids=["grpo", "rloo", "grpo-lora"])
 def test_runs_end_to_end_and_writes_the_run_folder(tmp_path, tiny_model_dir, algo, extra):
-    cfg = _cfg(tmp_path, tiny_model_dir, algo=algo, **extra)
+    cfg = _cfg(tmp_path, tiny_model_dir, algo=algo, sample_every=1, **extra)
+    assert isinstance(cfg, ppo.CriticFreeConfig)
     summary = ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
 
     run = tmp_path / "run"
     assert summary["algo"] == algo and summary["steps"] == 2
     assert summary["responses"] == 8 and summary["skipped"] == 0  # 2 steps x 2 prompts x 2 responses
-    assert 0.0 <= summary["reward_first"] <= 1.0 and 0.0 <= summary["reward_last"] <= 1.0
+    # the first and last steps' mean reward: the mean of the 4 responses' rewards each step logged
+    samples = _lines(run / "samples.jsonl")
+    for key, step in (("reward_first", 1), ("reward_last", 2)):
+        rewards = [s["reward"] for s in samples if s["step"] == step]
+        assert len(rewards) == 4 and summary[key] == pytest.approx(sum(rewards) / 4), (key, rewards)
     assert json.loads((run / "metrics.json").read_text()) == summary
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
     history = _lines(run / "history.jsonl")
@@ -65,12 +70,13 @@ def test_runs_end_to_end_and_writes_the_run_folder(tmp_path, tiny_model_dir, alg
 
 @pytest.mark.parametrize("overrides, keys", [
     ({"batch_size": 4, "num_generations": 3}, ("'batch_size' (4)", "'num_generations' (3)")),
-    ({"adaptive_kl": True}, ("'adaptive_kl'",)),
+    ({"adaptive_kl": True}, ("unknown key 'adaptive_kl'",)),
+    ({"ppo_epochs": 4}, ("unknown key 'ppo_epochs'",)),
+    ({"num_generations": 1}, ("'num_generations'", "at least 2")),
 ])
 def test_impossible_settings_are_one_line_config_errors(tmp_path, tiny_model_dir, overrides, keys):
-    cfg = _cfg(tmp_path, tiny_model_dir, **overrides)
     with pytest.raises(config_lib.ConfigError) as info:
-        ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
+        ppo.main(_cfg(tmp_path, tiny_model_dir, **overrides), reward_composer=RewardComposer([ContainsSource("a")]))
     message = str(info.value)
     assert "\n" not in message and all(k in message for k in keys), message
     assert not (tmp_path / "run").exists(), "a config error must stop before the run folder is touched"
@@ -82,10 +88,16 @@ def test_too_few_prompts_for_one_step_is_a_data_error(tmp_path, tiny_model_dir):
         ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
 
 
-def test_ppo_only_keys_set_away_from_defaults_are_reported(tmp_path, tiny_model_dir):
-    assert critic_free.ignored_keys(_cfg(tmp_path, tiny_model_dir)) == []
-    cfg = _cfg(tmp_path, tiny_model_dir, ppo_epochs=4, vf_coef=0.5)
-    assert critic_free.ignored_keys(cfg) == ["ppo_epochs", "vf_coef"]
+def test_each_algorithm_reads_its_own_settings_class_and_old_key_names_still_work(tmp_path, tiny_model_dir, capsys):
+    grpo = _cfg(tmp_path, tiny_model_dir)
+    assert type(grpo) is ppo.CriticFreeConfig and not hasattr(grpo, "ppo_epochs")
+    ppo_cfg = ppo_config.from_dict({"model": "m", "rewards": {"contains": {"text": "a"}}, "steps": 7,
+                                    "responses_per_prompt": 2, "batch_size": 4}, "old.yaml")
+    assert type(ppo_cfg) is ppo.PPOConfig and (ppo_cfg.max_steps, ppo_cfg.num_generations) == (7, 2)
+    err = capsys.readouterr().err
+    assert "old.yaml: key 'steps' is now called 'max_steps'" in err and "'responses_per_prompt'" in err
+    with pytest.raises(config_lib.ConfigError, match="keys 'steps' and 'max_steps' are the same setting"):
+        ppo_config.from_dict({"steps": 7, "max_steps": 8}, "both.yaml")
 
 
 class SafeOnly(RewardSource):
@@ -106,7 +118,7 @@ def test_reward_gets_each_prompts_class_and_nan_is_unscored(tmp_path, tiny_model
     class_of = {r["prompt"]: r["prompt_class"] for r in _lines(prompts)}
     source = SafeOnly()
     # One step over all four prompts, two responses each.
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), steps=1, batch_size=8, sample_every=1)
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), max_steps=1, batch_size=8, sample_every=1)
     summary = ppo.main(cfg, reward_composer=RewardComposer([source]))
 
     assert len(source.seen) == 8

@@ -25,7 +25,7 @@ def _configs(tmp_path, tiny_model_dir):
                          "output_dir": str(tmp_path / "rm"), "max_steps": 1, "per_device_train_batch_size": 2,
                          "max_length": 128},
         "ppo": {**common, "model": str(tmp_path / "sft"), "prompts": str(REPO / "data" / "prompts.jsonl"),
-                "output_dir": str(tmp_path / "ppo"), "steps": 2, "batch_size": 2, "mini_batch_size": 2,
+                "output_dir": str(tmp_path / "ppo"), "max_steps": 2, "batch_size": 2, "mini_batch_size": 2,
                 "ppo_epochs": 1, "max_new_tokens": 4, "val_fraction": 0.2, "val_every": 1, "val_max_new_tokens": 2,
                 "select": "best",
                 "rewards": {"rm": {"model": str(tmp_path / "rm"), "normalise": "running"},
@@ -43,7 +43,7 @@ def _configs(tmp_path, tiny_model_dir):
     for name, cfg in stages.items():
         (d / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     (d / "demo.yaml").write_text(yaml.safe_dump({
-        "ppo": {"save_every": 1, "resume": "auto"},
+        "ppo": {"save_steps": 1, "resume": "auto"},
         "evaluate": {"models": [f"base={tiny_model_dir}", f"sft={tmp_path / 'sft'}", f"ppo={tmp_path / 'ppo'}"],
                      "output_dir": str(tmp_path / "demo-eval")}}))
     return d

@@ -108,8 +108,8 @@ def test_ppo_runs_on_two_processes_and_checkpoints_each_rank(tmp_path, tiny_mode
         {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(8)])
     rewards = json.dumps({"contains": {"text": "a", "reward": 1, "normalise": "running"}})
     _launch(["-m", "pipeline.ppo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--output_dir", "run",
-             "--steps", "2", "--batch_size", "2", "--mini_batch_size", "1", "--max_new_tokens", "4",
-             "--save_every", "1", "--report_to", "none", "--rewards", rewards], tmp_path)
+             "--max_steps", "2", "--batch_size", "2", "--mini_batch_size", "1", "--max_new_tokens", "4",
+             "--save_steps", "1", "--report_to", "none", "--rewards", rewards], tmp_path)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["responses"] == 8 and metrics["steps"] == 2

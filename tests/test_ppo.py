@@ -36,7 +36,7 @@ def _cfg(tmp_path, model, **kw):
     if "prompts" not in kw:  # the caller's own prompts file must not be overwritten
         kw["prompts"] = str(_prompts_file(tmp_path))
     base = {"model": str(model), "output_dir": str(tmp_path / "run"),
-            "report_to": ["none"], "steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
+            "report_to": ["none"], "max_steps": 2, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 1,
             "max_new_tokens": 4, "learning_rate": 1e-3, "rewards": {"contains": {"text": "a", "reward": 1}}}
     return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
 
@@ -112,30 +112,32 @@ def test_config_rejects_mini_batch_that_does_not_divide(tmp_path, tiny_model_dir
 
 
 def test_config_rejects_unknown_lr_schedule_and_negative_warmup(tmp_path, tiny_model_dir):
-    with pytest.raises(config_lib.ConfigError, match="'lr_schedule': expected one of constant, linear"):
-        _cfg(tmp_path, tiny_model_dir, lr_schedule="cosine")
-    with pytest.raises(config_lib.ConfigError, match="'lr_warmup_steps': expected 0"):
-        _cfg(tmp_path, tiny_model_dir, lr_warmup_steps=-1)
+    with pytest.raises(config_lib.ConfigError, match="'lr_scheduler_type': expected one of constant, linear"):
+        _cfg(tmp_path, tiny_model_dir, lr_scheduler_type="cosine")
+    with pytest.raises(config_lib.ConfigError, match="'warmup_steps': expected 0"):
+        _cfg(tmp_path, tiny_model_dir, warmup_steps=-1)
 
 
 def test_rewards_from_the_command_line_take_yaml_flow_or_json(tmp_path, tiny_model_dir):
     want = {"contains": {"text": "a", "reward": 1}}
     assert _cfg(tmp_path, tiny_model_dir, rewards="{contains: {text: a, reward: 1}}").rewards == want
     assert _cfg(tmp_path, tiny_model_dir, rewards='{"contains": {"text": "a", "reward": 1}}').rewards == want
-    with pytest.raises(config_lib.ConfigError, match="'rewards': expected a mapping of reward sources"):
+    with pytest.raises(config_lib.ConfigError, match=r"'rewards': expected a mapping \(key: value\)"):
         _cfg(tmp_path, tiny_model_dir, rewards="{contains: ")
-    with pytest.raises(config_lib.ConfigError, match="'rewards': expected a non-empty mapping"):
+    with pytest.raises(config_lib.ConfigError, match=r"'rewards': expected a mapping \(key: value\)"):
         _cfg(tmp_path, tiny_model_dir, rewards="[rm, rbrm]")
+    with pytest.raises(config_lib.ConfigError, match="'rewards': expected a non-empty mapping"):
+        _cfg(tmp_path, tiny_model_dir, rewards={})
 
 
 def test_config_rejects_batch_that_does_not_split_into_groups(tmp_path, tiny_model_dir):
-    with pytest.raises(config_lib.ConfigError, match="'responses_per_prompt' \\(3\\).*multiple"):
-        _cfg(tmp_path, tiny_model_dir, batch_size=4, responses_per_prompt=3)
-    with pytest.raises(config_lib.ConfigError, match="'responses_per_prompt': expected a positive integer"):
-        _cfg(tmp_path, tiny_model_dir, responses_per_prompt=0)
+    with pytest.raises(config_lib.ConfigError, match="'num_generations' \\(3\\).*multiple"):
+        _cfg(tmp_path, tiny_model_dir, batch_size=4, num_generations=3)
+    with pytest.raises(config_lib.ConfigError, match="'num_generations': expected a positive integer"):
+        _cfg(tmp_path, tiny_model_dir, num_generations=0)
 
 
-def test_several_responses_per_prompt_are_centred_on_their_siblings(tmp_path, tiny_model_dir, monkeypatch):
+def test_several_num_generations_are_centred_on_their_siblings(tmp_path, tiny_model_dir, monkeypatch):
     calls = []
     real = ppo_math.leave_one_out_centre
 
@@ -146,7 +148,7 @@ def test_several_responses_per_prompt_are_centred_on_their_siblings(tmp_path, ti
 
     monkeypatch.setattr(ppo_math, "leave_one_out_centre", spy)
     prompts = _prompts_file(tmp_path, n=6)
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), steps=3, batch_size=4, responses_per_prompt=2,
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), max_steps=3, batch_size=4, num_generations=2,
                sample_every=1, max_new_tokens=6, rewards={"contains": {"text": "e", "reward": 1}})
     summary = ppo.main(cfg)
     assert summary["responses"] == 12
@@ -273,7 +275,7 @@ def test_unscored_samples_are_skipped_and_counted(tmp_path, tiny_model_dir):
 def test_ppo_learns_a_contains_reward(tmp_path, tiny_model_dir):
     # +1 when the response holds the letter "a". Two random tokens contain it about 60% of
     # the time at first; PPO should push that to (nearly) always within a few steps.
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(_prompts_file(tmp_path, n=8)), steps=14, batch_size=8,
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(_prompts_file(tmp_path, n=8)), max_steps=14, batch_size=8,
                mini_batch_size=4, ppo_epochs=4, learning_rate=1e-2, clip_range=2.0, max_new_tokens=2, kl_coef=0.0,
                sample_every=0)
     summary = ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
@@ -347,8 +349,8 @@ PINNED_HISTORY = [  # reward/score, objective/kl, loss/policy, loss/value, polic
 def test_seeded_tiny_run_reproduces_the_pinned_history(tmp_path, tiny_model_dir):
     rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": ("harmful", "safe")[i % 2],
              "split": "train"} for i in range(8)]
-    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(write_jsonl(tmp_path / "p.jsonl", rows)), steps=4,
-               batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=2, seed=7, lr_warmup_steps=1,
+    cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_steps=4,
+               batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=2, seed=7, warmup_steps=1,
                class_scale=True, class_mix={"harmful": 1, "safe": 1}, rewards={"contains": {"text": "e", "reward": 1}})
     ppo.main(cfg)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]

@@ -24,8 +24,8 @@ def _config(tmp_path, model, name, **kw):
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(6)])
     cfg = {"model": str(model), "prompts": str(prompts), "output_dir": str(tmp_path / name), "report_to": ["none"],
-           "steps": 6, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 4,
-           "learning_rate": 1e-3, "lr_schedule": "linear", "lr_warmup_steps": 2, "save_every": 2, "adaptive_kl": True,
+           "max_steps": 6, "batch_size": 4, "mini_batch_size": 2, "ppo_epochs": 2, "max_new_tokens": 4,
+           "learning_rate": 1e-3, "lr_scheduler_type": "linear", "warmup_steps": 2, "save_steps": 2, "adaptive_kl": True,
            "kl_target": 0.5, "kl_horizon": 100,
            # a running-normalised source, so the reward statistics must come back too
            "rewards": {"contains": {"text": "a", "reward": 1, "normalise": "running"}}, **kw}
@@ -96,7 +96,7 @@ def _fake_checkpoint(tmp_path, cfg, step=2, world_size=1):
 
 
 def _cfg(tmp_path, **kw):
-    base = {"model": "tiny", "output_dir": str(tmp_path / "run"), "steps": 6, "save_every": 2}
+    base = {"model": "tiny", "output_dir": str(tmp_path / "run"), "max_steps": 6, "save_steps": 2}
     return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
 
 
@@ -105,19 +105,19 @@ def test_resume_from_other_settings_names_each_difference(tmp_path):
     with pytest.raises(config_lib.ConfigError, match=r"learning_rate: 1e-06 -> 2e-06"):
         ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, learning_rate=2e-6), 1)
     # steps and logging may change
-    path, meta = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, steps=10, sample_every=1), 1)
+    path, meta = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, max_steps=10, sample_every=1), 1)
     assert path.name == "step-2" and meta["step"] == 2
 
 
 def test_key_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path):
     ckpt = _fake_checkpoint(tmp_path, _cfg(tmp_path))
     meta = json.loads((ckpt / ppo_checkpoint.STATE_FILE).read_text())
-    del meta["config"]["lr_schedule"]  # written before the key existed
+    del meta["config"]["lr_scheduler_type"]  # written before the key existed
     (ckpt / ppo_checkpoint.STATE_FILE).write_text(json.dumps(meta))
     path, _ = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
     assert path == ckpt
     with pytest.raises(config_lib.ConfigError, match=r"lr_schedule: 'constant' -> 'linear'"):
-        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_schedule="linear"), 1)
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_scheduler_type="linear"), 1)
 
 
 def test_resume_with_another_process_count_is_refused(tmp_path):

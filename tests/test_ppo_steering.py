@@ -62,7 +62,7 @@ def test_ppo_learns_a_class_conditional_rule_on_both_classes(tmp_path, tiny_mode
     tok.save_pretrained(model_dir)
     cfg = config_lib.from_dict(ppo.PPOConfig, {
         "model": str(model_dir), "prompts": str(prompts), "output_dir": str(tmp_path / "run"),
-        "report_to": ["none"], "steps": 50, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
+        "report_to": ["none"], "max_steps": 50, "batch_size": 8, "mini_batch_size": 4, "ppo_epochs": 2,
         "max_new_tokens": 1, "temperature": 1.0, "learning_rate": 3e-3, "kl_coef": 0.0, "lam": 1.0,
         "class_mix": {"harmful": 1, "safe": 1}, "class_scale": True, "seed": 0,
         "rewards": {"rule": {"type": "contains", "text": "unused"}}}, "test")

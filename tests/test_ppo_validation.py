@@ -88,10 +88,10 @@ def _cfg(tmp_path, model, **kw):
     rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": ("harmful", "safe")[i % 2],
              "split": "train"} for i in range(20)]
     base = {"model": str(model), "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", rows)),
-            "output_dir": str(tmp_path / "run"), "report_to": ["none"], "steps": 3, "batch_size": 4,
+            "output_dir": str(tmp_path / "run"), "report_to": ["none"], "max_steps": 3, "batch_size": 4,
             "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4, "learning_rate": 1e-3,
             "val_fraction": 0.2, "val_every": 1, "val_max_new_tokens": 4, "select": "best",
-            "max_over_refusal": 0.0, "save_every": 1, "keep_checkpoints": 5,
+            "max_over_refusal": 0.0, "save_steps": 1, "keep_checkpoints": 5,
             "rewards": {"contains": {"text": "a", "reward": 1}}}
     return config_lib.from_dict(ppo.PPOConfig, {**base, **kw}, "test")
 
@@ -132,7 +132,7 @@ def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir
 
 def test_select_last_keeps_the_last_policy_and_still_logs_validation(tmp_path, tiny_model_dir):
     torch.set_num_threads(1)
-    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, select="last", val_every=2, save_every=0),
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, select="last", val_every=2, save_steps=0),
                        reward_composer=RewardComposer([ContainsSource("a")]))
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
@@ -186,10 +186,10 @@ def test_a_resumed_run_keeps_the_best_policy_found_before_the_crash(tmp_path, ti
 
     monkeypatch.setattr(validation, "greedy_replies", scripted)
     with pytest.raises(KeyboardInterrupt):
-        ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5), reward_composer=CrashAt(4))
+        ppo.main(_cfg(tmp_path, tiny_model_dir, max_steps=5), reward_composer=CrashAt(4))
     run = tmp_path / "run"
     assert [s for s, _ in ppo_checkpoint.list_checkpoints(run)] == [1, 2, 3] and not (run / "model").exists()
-    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, steps=5, resume=True), reward_composer=CrashAt(0))
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, max_steps=5, resume=True), reward_composer=CrashAt(0))
     assert len(calls) == 6 and summary["selected_step"] == 1
     records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3, 4, 5]

@@ -153,7 +153,8 @@ def _class_key(name: str) -> tuple:
     return (CLASS_ORDER.index(name), "") if name in CLASS_ORDER else (len(CLASS_ORDER), name)
 
 
-def _get(d: Any, dotted: str) -> Any:
+def lookup(d: Any, dotted: str) -> Any:
+    """The value at a dotted path (``"classes.safe.refusal_rate.grader"``) of nested dicts; None if absent."""
     for part in dotted.split("."):
         if not isinstance(d, dict):
             return None
@@ -212,9 +213,9 @@ def _markdown(summary: dict, meta: dict, charts: dict[str, Path]) -> str:
             for cls in sorted(classes, key=_class_key):
                 c = classes[cls]
                 rows.append([model, cls, str(c.get("n", "n/a")), str(c.get("n_scored", "n/a")),
-                             *(_pct(_get(c, f"category_rate.{x}")) for x in CATEGORIES),
+                             *(_pct(lookup(c, f"category_rate.{x}")) for x in CATEGORIES),
                              _ci(c.get("incorrect_behaviour_rate")),
-                             _pct(_get(c, "refusal_rate.grader")), _pct(_get(c, "refusal_rate.string_match"))])
+                             _pct(lookup(c, "refusal_rate.grader")), _pct(lookup(c, "refusal_rate.string_match"))])
         out += _table(["model", "class", "n", "graded", "A", "B", "C", "D",
                        f"incorrect behaviour [{level} CI]", "refusal (grader)", "refusal (string match)"], rows, 2)
 
@@ -223,7 +224,7 @@ def _markdown(summary: dict, meta: dict, charts: dict[str, Path]) -> str:
         for model in models:
             o = _block(models, model, prompt_set).get("overall") or {}
             agreement = o.get("agreement") or {}
-            rows.append([model, *(_ci(_get(o, key)) for key, _ in OVERALL_METRICS),
+            rows.append([model, *(_ci(lookup(o, key)) for key, _ in OVERALL_METRICS),
                          _pct(agreement.get("raw")), _kappa(agreement.get("kappa")), str(agreement.get("n", "n/a"))])
         out += _table(["model", *(label for _, label in OVERALL_METRICS),
                        "agreement grader vs string match (raw)", "kappa", "agreement n"], rows)
@@ -318,7 +319,7 @@ def _plot_category_mix(models: dict, path: Path) -> None:
         for cat in CATEGORIES:
             heights = []
             for model in names:
-                v = _value(_get(_block(models, model, prompt_set).get("classes", {}), f"{cls}.category_rate.{cat}"))
+                v = _value(lookup(_block(models, model, prompt_set).get("classes", {}), f"{cls}.category_rate.{cat}"))
                 heights.append(0.0 if v is None else 100 * v)
             ax.bar(range(len(names)), heights, 0.65, bottom=bottom, color=CATEGORY_COLOURS[cat],
                    label=f"({cat}) {CATEGORY_NAMES[cat]}", edgecolor="white", linewidth=0.5)

@@ -28,7 +28,7 @@ only one copy of the weights is held; otherwise it is a frozen deep copy.
 
 The modules, in the order a step uses them:
 
-    config.py       PPOConfig: every key, its default and its help
+    config.py       PPOConfig and CriticFreeConfig on a shared base: every key, its default, its help
     rollout.py      PromptSchedule (which prompts a step draws), rollout() and the Rollout record
     policy.py       the policy with its value head, the reference, response log-probs
     step.py         advantages_from_scores() (pure: scores -> StepRecord) and ppo_update()
@@ -49,12 +49,12 @@ Launch::
 
 from __future__ import annotations
 
-from pipeline.ppo.config import PPOConfig
+from pipeline.ppo.config import CriticFreeConfig, PolicyTrainingConfig, PPOConfig
 
-__all__ = ["PPOConfig", "cli", "main"]
+__all__ = ["CriticFreeConfig", "PolicyTrainingConfig", "PPOConfig", "cli", "main"]
 
 
-def main(cfg: PPOConfig, reward_composer=None) -> dict:
+def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
     """Run the stage (see :func:`pipeline.ppo.trainer.main`)."""
     from pipeline.ppo import trainer
 
@@ -64,4 +64,4 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
 def cli(argv: list[str] | None = None) -> None:
     from pipeline.ppo import trainer
 
-    trainer.cli(argv)
+    trainer.cli(argv, description=__doc__)

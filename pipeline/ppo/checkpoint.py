@@ -27,7 +27,7 @@ BEST_DIR = "best"                   # select: best keeps the best validated poli
 VALIDATION_FILE = "validation.jsonl"
 STATE_FILE = "trainer_state.json"
 # Settings a resumed run may change: how long it runs and how it logs, not what it learns.
-RESUME_FREE_KEYS = frozenset({"steps", "if_exists", "resume", "log_every", "sample_every", "save_every",
+RESUME_FREE_KEYS = frozenset({"max_steps", "if_exists", "resume", "logging_steps", "sample_every", "save_steps",
                               "keep_checkpoints", "report_to", "output_dir", "cache_dir"})
 
 
@@ -53,18 +53,18 @@ def checkpoint_to_resume(cfg: PPOConfig, world_size: int) -> Optional[tuple[Path
     if runs.is_complete(out):
         return None  # finished: runs.start reuses it, overwrites it or says why not
     found = list_checkpoints(out)
-    if cfg.resume is False:
+    if cfg.resume == "false":
         if found and cfg.if_exists != "overwrite":
             raise ConfigError(f"output_dir '{out}' holds an unfinished ppo run with checkpoints up to step "
                               f"{found[-1][0]}; nothing was changed. Pass --resume true to continue it, or "
                               "--if_exists overwrite to start again from step 0.")
         return None
-    if cfg.resume is True and cfg.if_exists == "overwrite":
+    if cfg.resume == "true" and cfg.if_exists == "overwrite":
         raise ConfigError("keys 'resume' and 'if_exists': resume: true continues a run and if_exists: overwrite "
                           "starts it again; choose one")
     if not found:
-        if cfg.resume is True:
-            raise ConfigError(f"resume: no checkpoint in '{out / CHECKPOINTS}' (they are written every save_every "
+        if cfg.resume == "true":
+            raise ConfigError(f"resume: no checkpoint in '{out / CHECKPOINTS}' (they are written every save_steps "
                               "steps); run without --resume to start from step 0")
         return None
     step, path = found[-1]
@@ -80,9 +80,9 @@ def checkpoint_to_resume(cfg: PPOConfig, world_size: int) -> Optional[tuple[Path
         raise ConfigError(f"cannot resume from '{path}': it was written by {meta.get('world_size')} process(es) and "
                           f"this run has {world_size}; each process's batch slice and random streams depend on it, "
                           "so launch with the same number")
-    if step >= cfg.steps:
-        raise ConfigError(f"cannot resume from '{path}': it is at step {step} and steps is {cfg.steps}; "
-                          "raise steps to train further")
+    if step >= cfg.max_steps:
+        raise ConfigError(f"cannot resume from '{path}': it is at step {step} and max_steps is {cfg.max_steps}; "
+                          "raise max_steps to train further")
     return path, meta
 
 

@@ -1,7 +1,17 @@
-"""The PPO stage's settings: one dataclass, read from ``configs/ppo.yaml`` and the command line.
+"""The policy-optimisation stage's settings: one dataclass per algorithm.
 
-Every field has its default and a one-line help (``rbrm ppo --help`` lists them). ``validate``
-runs after loading and raises a ConfigError naming the key for anything out of range.
+:class:`PolicyTrainingConfig` holds what every algorithm shares (model, prompts, rewards,
+generation, optimiser, logging); :class:`PPOConfig` (``algo: ppo``, ``configs/ppo.yaml``) adds
+the critic, GAE, class handling and validation; :class:`CriticFreeConfig` (``algo: grpo`` or
+``rloo``, ``configs/grpo.yaml``) adds nothing but its own default group size. A key another
+algorithm uses is an error naming it. Names follow TRL's where TRL has the concept
+(``max_steps``, ``num_generations``, ``lr_scheduler_type``, ``warmup_steps``, ``save_steps``,
+``logging_steps``), so they read as in the SFT and reward-model stages; the older names in
+:data:`RENAMED` are still read, with a note.
+
+Every field has its default and a one-line help (``rbrm ppo --help`` lists them, and the reward
+sources' and grader's keys). ``validate`` runs after loading and raises a ConfigError naming the
+key for anything out of range.
 """
 
 from __future__ import annotations
@@ -13,6 +23,7 @@ from typing import Any, Optional
 import yaml
 
 from pipeline import runs
+from pipeline import config as config_lib
 from pipeline.config import ConfigError, field
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo import validation
@@ -26,73 +37,126 @@ DEFAULT_REWARDS = {
 }
 
 
+# old key -> the key that replaced it (read with a note on stderr)
+RENAMED = {"steps": "max_steps", "responses_per_prompt": "num_generations", "lr_schedule": "lr_scheduler_type",
+           "lr_warmup_steps": "warmup_steps", "save_every": "save_steps", "log_every": "logging_steps"}
+RESUME = ("true", "false", "auto")
+
+
 @dataclasses.dataclass
-class PPOConfig:
+class PolicyTrainingConfig:
+    """What every algorithm of the stage reads."""
+
+    RENAMED = RENAMED
+
     model: str = field("runs/sft", help="starting policy (and KL reference): run folder, model folder, short name or hub id")
     prompts: str = field("data/prompts.jsonl", help="prompt set; rows with split: eval are left out")
     fields: dict[str, str] = field({}, help="column renames, ours=theirs (e.g. prompt=question)")
     output_dir: str = field("runs/ppo", help="run folder: config, logs, samples, metrics and the final model/")
     if_exists: str = field("error", help="when output_dir holds a finished run: error | reuse | overwrite")
-    algo: str = field("ppo", help="ppo (ours, with a critic) | grpo | rloo (TRL's critic-free trainers on the same rewards)")
-    num_generations: int = field(4, help="grpo/rloo: responses sampled per prompt (the group a baseline is taken over)")
-    steps: int = field(20, help="PPO steps; each samples batch_size responses per process, then updates")
-    batch_size: int = field(4, help="responses per step, per process (batch_size / responses_per_prompt prompts)")
-    responses_per_prompt: int = field(1, help="ppo: responses sampled for each prompt of a step; > 1 centres each "
-                                              "score on the mean of the other responses to its prompt (RLOO's "
-                                              "baseline, ppo_math.leave_one_out_centre) in place of class_baseline")
-    mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
-    ppo_epochs: int = field(2, help="passes over each step's responses")
+    algo: str = field("ppo", help="ppo (ours, with a critic) | grpo | rloo (TRL's critic-free trainers on the same "
+                                  "rewards); each reads its own keys")
+    max_steps: int = field(20, help="optimisation steps; each samples batch_size responses per process, then updates")
+    batch_size: int = field(4, help="responses per step, per process (batch_size / num_generations prompts)")
+    num_generations: int = field(1, help="responses sampled for each prompt of a step")
     learning_rate: float = field(1e-6, help="AdamW learning rate (LoRA usually wants ~10x more)")
-    lr_schedule: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at step 1 "
-                                              "towards 0 at the last step; a resume that raises steps stretches it)")
-    lr_warmup_steps: int = field(0, help="raise the learning rate linearly over the first this many PPO steps "
-                                         "(Adam's first updates are the largest; see ppo_math.scheduled_lr)")
+    lr_scheduler_type: str = field("constant", help="constant | linear (anneal the learning rate from learning_rate at "
+                                                    "step 1 towards 0 at the last step)")
+    warmup_steps: int = field(0, help="raise the learning rate linearly over the first this many steps "
+                                      "(Adam's first updates are the largest; see pipeline.ppo.math.scheduled_lr)")
     weight_decay: float = field(0.0, help="AdamW weight decay")
     max_grad_norm: float = field(1.0, help="clip the global gradient norm to this; <= 0 = no clipping")
-    max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
     max_new_tokens: int = field(48, help="response length limit; a response without eos by then is 'truncated'")
     temperature: float = field(1.0, help="sampling temperature (log-probs use the same one)")
-    top_p: float = field(1.0, help="nucleus sampling; < 1 makes sampling differ from the log-probs PPO uses")
-    kl_coef: float = field(0.05, help="KL penalty coefficient beta (initial value when adaptive_kl)")
-    adaptive_kl: bool = field(False, help="adapt beta towards kl_target (Ziegler et al. 2019)")
-    kl_target: float = field(6.0, help="adaptive_kl: target KL per response, in nats")
-    kl_horizon: int = field(10000, help="adaptive_kl: horizon in responses")
-    kl_estimator: str = field("k1", help="per-token KL estimator in the reward: k1 | k2 | k3")
-    gamma: float = field(1.0, help="discount")
-    lam: float = field(0.95, help="GAE lambda")
+    top_p: float = field(1.0, help="nucleus sampling; < 1 makes sampling differ from the log-probs the loss uses")
+    kl_coef: float = field(0.05, help="KL penalty coefficient beta (the initial value when adaptive_kl)")
     clip_range: float = field(0.2, help="policy ratio clip epsilon")
-    clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
-    vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
-    class_baseline: bool = field(True, help="subtract from each score a moving average of its prompt class's scores "
-                                            "(a baseline per class; see ppo_math.ClassBaseline); used when "
-                                            "responses_per_prompt is 1")
-    class_baseline_decay: float = field(0.9, help="class_baseline: weight of the old average at each step")
-    class_mix: dict[str, float] = field({}, help="share of each step's prompts per class, e.g. harmful=0.4,safe=0.4,"
-                                                 "sensitive=0.2 (normalised; a class left out is not drawn); "
-                                                 "empty = the data's own mix")
-    class_scale: bool = field(False, help="divide each class's centred scores by a moving average of that class's "
-                                          "spread (decay class_baseline_decay), so every class carries the same "
-                                          "weight of the update whatever its rubric's reward range "
-                                          "(ppo_math.ClassScale)")
-    class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
-                                                     "(after class_scale when on); a class left out weighs 1")
-    whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     reward_clip: Optional[float] = field(None, help="clip the composed reward to [-c, c]; null = no clipping")
     bf16: Optional[bool] = field(None, help="bf16 autocast in rollouts and updates (weights and optimizer stay fp32); "
                                             "null = on where the hardware does bf16 fast (AMX CPU, bf16 GPU)")
     lora: bool = field(False, help="train LoRA adapters; the reference is then the policy with adapters off")
     lora_r: int = field(16, help="LoRA rank")
     lora_alpha: int = field(32, help="LoRA scaling numerator (scale = alpha / r)")
-    critic: str = field("value_head", help="value function: value_head (a linear head on the policy's last hidden state)")
-    rewards: Any = field(DEFAULT_REWARDS, help="reward sources, {name: settings} as in pipeline.rewards.build_reward_composer")
+    rewards: dict[str, Any] = field(DEFAULT_REWARDS, help="reward sources, {name: settings}; the source types and "
+                                                          "their keys are listed below")
     seed: int = field(42, help="seed for prompt order, sampling and initialisation")
-    log_every: int = field(1, help="send metrics to the trackers every N steps")
     sample_every: int = field(5, help="append the step's rollouts to samples.jsonl every N steps; 0 = never")
-    save_every: int = field(0, help="every N steps save a resumable checkpoint to checkpoints/step-N (policy, value head, "
-                                    "optimizer, RNG, KL coefficient, reward statistics, prompt order); 0 = never")
+    save_steps: int = field(0, help="every N steps save a resumable checkpoint to checkpoints/step-N; 0 = never")
+    report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
+    cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
+
+    @staticmethod
+    def help_epilog() -> str:
+        """The nested settings --help lists: reward sources and the rubric grader."""
+        from pipeline.config import fields_help
+        from pipeline.rbrm.grader import GraderConfig
+        from pipeline.rewards import sources_help
+
+        return (f"{sources_help()}\n\nrubric grader (the 'grader' mapping of an rbrm source):\n"
+                f"{fields_help(GraderConfig, '    ')}")
+
+    def validate(self) -> None:
+        if self.if_exists not in runs.IF_EXISTS:
+            raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
+        for name in ("max_steps", "batch_size", "num_generations", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
+        for name in ("save_steps", "warmup_steps", "sample_every"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"key '{name}': expected 0 (none) or a positive integer, got {getattr(self, name)}")
+        if self.batch_size % self.num_generations:
+            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'num_generations' "
+                              f"({self.num_generations}): batch_size counts responses, so it must be a multiple "
+                              "of num_generations")
+        for name in ("learning_rate", "temperature", "clip_range"):
+            if not getattr(self, name) > 0:
+                raise ConfigError(f"key '{name}': expected a positive number, got {getattr(self, name)}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"key 'top_p': expected a number in (0, 1], got {self.top_p}")
+        if self.kl_coef < 0:
+            raise ConfigError(f"key 'kl_coef': expected a number >= 0, got {self.kl_coef}")
+        if self.lr_scheduler_type not in ppo_math.LR_SCHEDULES:
+            raise ConfigError(f"key 'lr_scheduler_type': expected one of {', '.join(ppo_math.LR_SCHEDULES)}, "
+                              f"got {self.lr_scheduler_type!r}")
+        if self.algo not in ALGOS:
+            raise ConfigError(f"key 'algo': expected one of {', '.join(ALGOS)}, got {self.algo!r}")
+        if not self.rewards:
+            raise ConfigError("key 'rewards': expected a non-empty mapping of reward sources")
+
+
+@dataclasses.dataclass
+class PPOConfig(PolicyTrainingConfig):
+    """``algo: ppo``: our loop, with a value head."""
+
+    mini_batch_size: int = field(2, help="responses per gradient step; must divide batch_size")
+    ppo_epochs: int = field(2, help="passes over each step's responses")
+    max_prompt_length: int = field(256, help="longer prompts keep their last tokens")
+    adaptive_kl: bool = field(False, help="adapt beta towards kl_target (Ziegler et al. 2019)")
+    kl_target: float = field(6.0, help="adaptive_kl: target KL per response, in nats")
+    kl_horizon: int = field(10000, help="adaptive_kl: horizon in responses")
+    kl_estimator: str = field("k1", help="per-token KL estimator in the reward: k1 | k2 | k3")
+    gamma: float = field(1.0, help="discount")
+    lam: float = field(0.95, help="GAE lambda")
+    clip_range_value: float = field(0.2, help="how far a value may move from its rollout value before clipping")
+    vf_coef: float = field(0.1, help="weight of the value loss in the total loss")
+    class_baseline: bool = field(True, help="subtract from each score a moving average of its prompt class's scores "
+                                            "(pipeline.ppo.math.ClassBaseline); used when num_generations is 1 (above "
+                                            "1 each score is centred on its sibling responses' mean instead)")
+    class_baseline_decay: float = field(0.9, help="class_baseline, class_scale: weight of the old average at each step")
+    class_mix: dict[str, float] = field({}, help="share of each step's prompts per class, e.g. harmful=0.4,safe=0.4,"
+                                                 "sensitive=0.2 (normalised; a class left out is not drawn); "
+                                                 "empty = the data's own mix")
+    class_scale: bool = field(False, help="divide each class's centred scores by a moving average of that class's "
+                                          "spread, so every class carries the same weight of the update whatever its "
+                                          "rubric's reward range (pipeline.ppo.math.ClassScale)")
+    class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
+                                                     "(after class_scale when on); a class left out weighs 1")
+    whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
+    critic: str = field("value_head", help="value function: value_head (a linear head on the policy's last hidden state)")
+    logging_steps: int = field(1, help="send metrics to the trackers every N steps")
     keep_checkpoints: int = field(2, help="how many of the newest checkpoints to keep; older ones are deleted")
-    resume: Any = field(False, help="true: continue from the newest checkpoint in output_dir (error if there is none); "
-                                    "auto: continue if there is one, else start; false: start from step 0")
+    resume: str = field("false", help="true: continue from the newest checkpoint in output_dir (error if there is "
+                                      "none); auto: continue if there is one, else start; false: start from step 0")
     val_fraction: float = field(0.0, help="share of each prompt class's training prompts held out for validation "
                                           "(seeded by seed); 0 = train on all")
     val_every: int = field(0, help="every N steps (and at step 0 and the last step) decode the held-out prompts greedily "
@@ -104,31 +168,15 @@ class PPOConfig:
                                      "(the validated step that refuses the most harmful prompts while refusing at "
                                      "most max_over_refusal of safe ones)")
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
-    report_to: list[str] = field(["tensorboard"], help="trackers (tensorboard, wandb, none); logs go to <run>/logs")
-    cache_dir: Optional[str] = field(None, help="model cache for short names (default $RBRM_CACHE_DIR or ./.cache/models)")
-
-    @staticmethod
-    def help_epilog() -> str:
-        """The nested settings --help lists: reward sources and the rubric grader."""
-        from pipeline.config import fields_help
-        from pipeline.rbrm.grader import GraderConfig
-        from pipeline.rewards import sources_help
-
-        return f"{sources_help()}\n\nrubric grader (the 'grader' mapping of an rbrm source):\n{fields_help(GraderConfig, '    ')}"
 
     def validate(self) -> None:
-        if self.if_exists not in runs.IF_EXISTS:
-            raise ConfigError(f"key 'if_exists': expected one of {', '.join(runs.IF_EXISTS)}, got {self.if_exists!r}")
-        for name in ("steps", "batch_size", "mini_batch_size", "ppo_epochs", "max_new_tokens", "max_prompt_length",
-                     "log_every", "kl_horizon", "val_max_new_tokens", "val_batch_size"):
+        super().validate()
+        if self.algo != "ppo":
+            raise ConfigError(f"key 'algo': PPOConfig is for algo ppo, got {self.algo!r}")
+        for name in ("mini_batch_size", "ppo_epochs", "max_prompt_length", "logging_steps", "kl_horizon",
+                     "val_max_new_tokens", "val_batch_size", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
-        if self.keep_checkpoints < 1:
-            raise ConfigError(f"key 'keep_checkpoints': expected a positive integer, got {self.keep_checkpoints}")
-        if self.save_every < 0:
-            raise ConfigError(f"key 'save_every': expected 0 (never) or a positive integer, got {self.save_every}")
-        if self.lr_warmup_steps < 0:
-            raise ConfigError(f"key 'lr_warmup_steps': expected 0 (none) or a positive integer, got {self.lr_warmup_steps}")
         if not 0 <= self.class_baseline_decay < 1:
             raise ConfigError(f"key 'class_baseline_decay': expected a number in [0, 1), got {self.class_baseline_decay}")
         if not 0 <= self.val_fraction < 1:
@@ -150,44 +198,45 @@ class PPOConfig:
             raise ConfigError(f"key 'class_mix': at least one class needs a share above 0, got {self.class_mix}")
         if not 0 <= self.max_over_refusal <= 1:
             raise ConfigError(f"key 'max_over_refusal': expected a share in [0, 1], got {self.max_over_refusal}")
-        resume = str(self.resume).strip().lower()
-        if resume not in ("true", "false", "auto"):
+        self.resume = str(self.resume).strip().lower()
+        if self.resume not in RESUME:
             raise ConfigError(f"key 'resume': expected true, false or auto, got {self.resume!r}")
-        self.resume = {"true": True, "false": False}.get(resume, "auto")
-        if self.responses_per_prompt < 1:
-            raise ConfigError(f"key 'responses_per_prompt': expected a positive integer, "
-                              f"got {self.responses_per_prompt}")
-        if self.batch_size % self.responses_per_prompt:
-            raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'responses_per_prompt' "
-                              f"({self.responses_per_prompt}): batch_size counts responses, so it must be a multiple "
-                              "of responses_per_prompt")
         if self.batch_size % self.mini_batch_size:
             raise ConfigError(f"keys 'batch_size' ({self.batch_size}) and 'mini_batch_size' ({self.mini_batch_size}): "
                               "mini_batch_size must divide batch_size")
-        for name in ("learning_rate", "temperature", "clip_range", "clip_range_value", "kl_target"):
+        for name in ("clip_range_value", "kl_target"):
             if not getattr(self, name) > 0:
                 raise ConfigError(f"key '{name}': expected a positive number, got {getattr(self, name)}")
-        if not 0 < self.top_p <= 1:
-            raise ConfigError(f"key 'top_p': expected a number in (0, 1], got {self.top_p}")
-        if self.kl_coef < 0:
-            raise ConfigError(f"key 'kl_coef': expected a number >= 0, got {self.kl_coef}")
-        if self.lr_schedule not in ppo_math.LR_SCHEDULES:
-            raise ConfigError(f"key 'lr_schedule': expected one of {', '.join(ppo_math.LR_SCHEDULES)}, "
-                              f"got {self.lr_schedule!r}")
         if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
             raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
                               f"got {self.kl_estimator!r}")
-        if self.algo not in ALGOS:
-            raise ConfigError(f"key 'algo': expected one of {', '.join(ALGOS)}, got {self.algo!r}")
-        if self.algo != "ppo" and self.num_generations < 2:
-            raise ConfigError(f"key 'num_generations': {self.algo} needs at least 2 responses per prompt, "
-                              f"got {self.num_generations}")
         if self.critic not in CRITICS:
             raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
-        if isinstance(self.rewards, str):  # from the command line: a YAML flow mapping or a JSON object
-            try:
-                self.rewards = yaml.safe_load(self.rewards)
-            except yaml.YAMLError:
-                raise ConfigError(f"key 'rewards': expected a mapping of reward sources, got {self.rewards!r}") from None
-        if not isinstance(self.rewards, dict) or not self.rewards:
-            raise ConfigError(f"key 'rewards': expected a non-empty mapping of reward sources, got {self.rewards!r}")
+
+
+@dataclasses.dataclass
+class CriticFreeConfig(PolicyTrainingConfig):
+    """``algo: grpo`` or ``rloo``: TRL's GRPOTrainer / RLOOTrainer on the same rewards; no critic,
+    one gradient step per sampled batch, the baseline from each prompt's group of responses."""
+
+    algo: str = field("grpo", help="grpo | rloo (TRL's critic-free trainers); ppo reads PPOConfig's keys")
+    num_generations: int = field(4, help="responses sampled per prompt (the group a baseline is taken over)")
+
+    def validate(self) -> None:
+        super().validate()
+        if self.algo == "ppo":
+            raise ConfigError("key 'algo': CriticFreeConfig is for grpo or rloo, got 'ppo'")
+        if self.num_generations < 2:
+            raise ConfigError(f"key 'num_generations': {self.algo} needs at least 2 responses per prompt, "
+                              f"got {self.num_generations}")
+
+
+def config_class(algo: str) -> type[PolicyTrainingConfig]:
+    """The settings class of ``algo`` (PPOConfig for an unknown one, whose check then names it)."""
+    return CriticFreeConfig if algo in ("grpo", "rloo") else PPOConfig
+
+
+def from_dict(data: dict[str, Any], source: str = "<dict>", overrides: Optional[dict[str, Any]] = None):
+    """The stage's settings from a mapping and command-line overrides, in the class ``algo`` picks."""
+    algo = str((overrides or {}).get("algo") or data.get("algo") or "ppo")
+    return config_lib.from_dict(config_class(algo), data, source, overrides)

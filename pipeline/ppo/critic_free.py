@@ -1,7 +1,8 @@
 """Stage 4 without a critic: GRPO or RLOO (TRL's trainers) on the same composed reward as PPO.
 
-Reached through the PPO stage with ``algo: grpo`` or ``algo: rloo``; the config, prompts,
-reward sources and run folder are PPO's. Each step samples ``num_generations`` responses for
+Reached through the PPO stage with ``algo: grpo`` or ``algo: rloo``, with its own settings
+(:class:`pipeline.ppo.config.CriticFreeConfig`, ``configs/grpo.yaml``); the prompts, reward
+sources and run folder are PPO's. Each step samples ``num_generations`` responses for
 each of ``batch_size / num_generations`` prompts, scores every response with the reward
 composer (:mod:`pipeline.rewards`, through :func:`pipeline.rewards.as_trl_reward_func`), and
 takes the baseline from the prompt's own group instead of a value head:
@@ -27,8 +28,8 @@ How this departs from PPO (``pipeline/ppo/trainer.py``):
 - ``batch_size`` counts responses, not prompts, and must be a multiple of ``num_generations``
   (times the number of processes);
 - one gradient step per sampled batch: ``ppo_epochs``, ``mini_batch_size`` and the other
-  critic or GAE settings do not apply and are reported as ignored when set; ``adaptive_kl``
-  is an error;
+  critic, GAE and validation settings are not its keys (setting one is an error naming it), and
+  beta stays at ``kl_coef``;
 - prompts are not cut to ``max_prompt_length`` (TRL 1.16 has no such setting);
 - a response no reward source scored comes back to TRL as None: it is left out of its
   group's baseline and gets zero advantage, as PPO drops it;
@@ -39,13 +40,12 @@ How this departs from PPO (``pipeline/ppo/trainer.py``):
 
 Launch::
 
-    python -m pipeline.ppo --config configs/ppo.yaml --algo grpo --num_generations 4
-    rbrm ppo --config configs/ppo.yaml --algo rloo --output_dir runs/rloo
+    python -m pipeline.ppo --config configs/grpo.yaml --num_generations 4
+    rbrm ppo --config configs/grpo.yaml --algo rloo --output_dir runs/rloo
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import sys
@@ -56,15 +56,8 @@ from pipeline import runs
 from pipeline.config import ConfigError
 from pipeline.data import DataError
 from pipeline.ppo.common import STAGE, finite_or_none, load_train_prompts, rbrm_classes
-from pipeline.ppo.config import PPOConfig
+from pipeline.ppo.config import CriticFreeConfig
 from pipeline.training import Timer, process_state
-
-# PPOConfig keys that only our PPO loop reads; setting one away from its default under
-# grpo/rloo prints a note naming it.
-PPO_ONLY = ("mini_batch_size", "ppo_epochs", "max_prompt_length", "kl_estimator", "kl_target", "kl_horizon",
-            "gamma", "lam", "clip_range_value", "vf_coef", "whiten_advantages", "critic", "log_every",
-            "class_baseline", "class_baseline_decay", "responses_per_prompt", "val_fraction", "val_every",
-            "val_max_new_tokens", "val_batch_size", "select", "max_over_refusal")
 
 # TRL's log keys -> the names PPO's history uses, so runs of either kind read alike.
 HISTORY_NAMES = {"reward": "reward/score", "reward_std": "reward/std", "kl": "objective/kl",
@@ -73,7 +66,7 @@ HISTORY_NAMES = {"reward": "reward/score", "reward_std": "reward/std", "kl": "ob
 REWARD_FUNC_NAME = "composed_reward"
 
 
-def check_config(cfg: PPOConfig, num_processes: int) -> None:
+def check_config(cfg: CriticFreeConfig, num_processes: int) -> None:
     """Raise ConfigError for settings TRL's trainers cannot honour (one line, naming the keys)."""
     per_step = cfg.batch_size * num_processes
     if per_step % cfg.num_generations:
@@ -81,19 +74,9 @@ def check_config(cfg: PPOConfig, num_processes: int) -> None:
         raise ConfigError(
             f"keys 'batch_size' ({cfg.batch_size}{across}) and 'num_generations' ({cfg.num_generations}): {cfg.algo} "
             f"samples num_generations responses per prompt, so batch_size must be a multiple of num_generations")
-    if cfg.adaptive_kl:
-        raise ConfigError(f"key 'adaptive_kl': {cfg.algo} keeps beta fixed at kl_coef; set adaptive_kl: false "
-                          "or use algo: ppo")
 
 
-def ignored_keys(cfg: PPOConfig) -> list[str]:
-    """The PPO-only keys this config sets away from their defaults."""
-    defaults = {f.name: f.default if f.default is not dataclasses.MISSING else f.default_factory()
-                for f in dataclasses.fields(PPOConfig)}
-    return [k for k in PPO_ONLY if getattr(cfg, k) != defaults[k]]
-
-
-def trl_args(cfg: PPOConfig):
+def trl_args(cfg: CriticFreeConfig):
     """The GRPOConfig or RLOOConfig for ``cfg`` (checkpoints under ``<output_dir>/checkpoints``)."""
     import torch
 
@@ -108,14 +91,14 @@ def trl_args(cfg: PPOConfig):
     cuda = torch.cuda.is_available()
     return ArgsClass(
         output_dir=str(out / "checkpoints"),
-        max_steps=cfg.steps,
+        max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=1,
         num_generations=cfg.num_generations,
         num_iterations=1,
         learning_rate=cfg.learning_rate,
-        lr_scheduler_type=cfg.lr_schedule,  # TRL anneals per optimizer step, ours per PPO step
-        warmup_steps=cfg.lr_warmup_steps,
+        lr_scheduler_type=cfg.lr_scheduler_type,  # TRL anneals per optimizer step, ours per PPO step
+        warmup_steps=cfg.warmup_steps,
         weight_decay=cfg.weight_decay,
         max_grad_norm=max(cfg.max_grad_norm, 0.0),  # 0: the Trainer does not clip
         max_completion_length=cfg.max_new_tokens,
@@ -128,8 +111,8 @@ def trl_args(cfg: PPOConfig):
         seed=cfg.seed,
         data_seed=cfg.seed,
         logging_steps=1,
-        save_strategy="steps" if cfg.save_every else "no",
-        save_steps=cfg.save_every or 500,
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
         report_to=[r for r in cfg.report_to if r != "none"] or "none",
         use_cpu=not cuda,
         bf16=cuda and torch.cuda.is_bf16_supported(),
@@ -234,7 +217,7 @@ def _mean_of(key: str, rows: list[dict]) -> Optional[float]:
     return sum(values) / len(values) if values else None
 
 
-def main(cfg: PPOConfig, reward_composer=None) -> dict:
+def main(cfg: CriticFreeConfig, reward_composer=None) -> dict:
     """Train with GRPO or RLOO and save the policy; returns the summary (also in ``metrics.json``).
 
     ``reward_composer`` replaces the one built from ``cfg.rewards`` (for tests and library use).
@@ -263,9 +246,6 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     composer = reward_composer or build_reward_composer(rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
     reward_func, counts = reward_function(composer, out, cfg.sample_every, is_main)
     if is_main:
-        ignored = ignored_keys(cfg)
-        if ignored:
-            print(f"{cfg.algo}: ignoring PPO-only key(s) {', '.join(ignored)}", file=sys.stderr)
         print(f"{cfg.algo}: {len(ds)} training prompts, {prompts_per_step} prompt(s) x {cfg.num_generations} "
               f"responses per step over {state.num_processes} process(es)", file=sys.stderr)
 

@@ -43,7 +43,7 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
     """``total`` (B,) composed scores (NaN: no source applied) and the rollout -> the step record.
 
     A response with a NaN score or no token at all is dropped from the update, never imputed.
-    With ``responses_per_prompt`` > 1 each score is centred on its siblings' mean; otherwise on
+    With ``num_generations`` > 1 each score is centred on its siblings' mean; otherwise on
     ``baseline`` (its class's moving average) when given. ``scale`` then evens out the classes.
     ``all_reduce`` sums a tensor over processes (None: one process), so class statistics and
     whitening see the global batch. ``baseline`` and ``scale`` update their running statistics.
@@ -53,8 +53,8 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
     mask = ro.response_mask * scored[:, None].long()                                   # (B, T)
     score = torch.where(scored, score, torch.zeros_like(score))
     raw_score = score
-    if cfg.responses_per_prompt > 1:
-        score = ppo_math.leave_one_out_centre(score, scored, cfg.responses_per_prompt)
+    if cfg.num_generations > 1:
+        score = ppo_math.leave_one_out_centre(score, scored, cfg.num_generations)
     elif baseline is not None:
         score = baseline(score, ro.prompt_classes, scored, all_reduce=all_reduce)
     if scale is not None:

@@ -25,7 +25,7 @@ from pipeline.models import ModelError
 from pipeline.ppo import checkpoint, logs, validation
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.common import STAGE, load_train_prompts, rbrm_classes
-from pipeline.ppo.config import PPOConfig
+from pipeline.ppo.config import PolicyTrainingConfig, PPOConfig
 from pipeline.ppo.policy import build_policy, save_policy
 from pipeline.ppo.rollout import PromptSchedule, rollout
 from pipeline.ppo.state import TrainerState
@@ -62,7 +62,7 @@ class Run:
         return self.accelerator.is_main_process
 
 
-def main(cfg: PPOConfig, reward_composer=None) -> dict:
+def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
     """Run PPO and save the policy; returns the run's summary metrics (also in ``metrics.json``).
 
     ``reward_composer`` replaces the one built from ``cfg.rewards`` (for tests and library use).
@@ -81,9 +81,9 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
     history = resume(run) if state.step else []
     if run.validator is not None and state.step == 0:
         run.validator(run.policy.lm, 0)   # the starting model: the baseline, and a candidate
-    per_prompt = cfg.responses_per_prompt
-    bar = tqdm(range(state.step + 1, cfg.steps + 1), desc="ppo", disable=not run.is_main, dynamic_ncols=True,
-               initial=state.step, total=cfg.steps)
+    per_prompt = cfg.num_generations
+    bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="ppo", disable=not run.is_main, dynamic_ncols=True,
+               initial=state.step, total=cfg.max_steps)
     for step in bar:
         start = time.perf_counter()
         # a prompt's responses sit next to each other: leave_one_out_centre relies on it
@@ -94,7 +94,7 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         total, info = state.composer(ro.prompts, ro.responses, ro.prompt_classes)  # NaN: no source applied
         rec = advantages_from_scores(total, ro, cfg, state.kl_ctl.value, state.baseline, state.scale, run.all_reduce)
         scored_at = time.perf_counter()
-        lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.steps, cfg.lr_schedule, cfg.lr_warmup_steps)
+        lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.max_steps, cfg.lr_scheduler_type, cfg.warmup_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
         loss_stats = ppo_update(run.model, run.optimizer, acc, ro, rec.mask, rec.advantages, rec.returns, cfg,
@@ -107,13 +107,13 @@ def main(cfg: PPOConfig, reward_composer=None) -> dict:
         bar.set_postfix(reward=f"{metrics['reward/score']:.3f}", kl=f"{metrics['objective/kl']:.3f}")
         if run.is_main:
             logs.write_history(run.out, metrics)
-            if run.trackers and step % cfg.log_every == 0:
+            if run.trackers and step % cfg.logging_steps == 0:
                 acc.log({k: v for k, v in metrics.items() if k != "step" and math.isfinite(v)}, step=step)
             if cfg.sample_every and step % cfg.sample_every == 0:
                 logs.write_samples(run.out, step, ro, total, info, rec.kl.sum(1))
-        if run.validator is not None and (step % cfg.val_every == 0 or step == cfg.steps):
+        if run.validator is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
             run.validator(run.policy.lm, step)
-        if cfg.save_every and step % cfg.save_every == 0 and step < cfg.steps:
+        if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
             checkpoint.save_checkpoint(acc, cfg, step, state.state_dict())
     bar.close()
     return finish(run, history)
@@ -182,7 +182,7 @@ def setup(cfg: PPOConfig, reward_composer=None):
     if trackers:
         accelerator.init_trackers("logs", config={k: v for k, v in config_lib.to_dict(cfg).items()
                                                   if isinstance(v, (int, float, str, bool))})
-    per_prompt = cfg.responses_per_prompt
+    per_prompt = cfg.num_generations
     kl_ctl = (ppo_math.AdaptiveKLController(cfg.kl_coef, cfg.kl_target, cfg.kl_horizon) if cfg.adaptive_kl
               else ppo_math.FixedKLController(cfg.kl_coef))
     baseline = (ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline and per_prompt == 1
@@ -307,7 +307,7 @@ def finish(run: Run, history: list[dict[str, float]]) -> dict:
         "kl_first": mean_of("objective/kl", history[:k]), "kl_last": mean_of("objective/kl", history[-k:]),
         "kl_coef_final": run.state.kl_ctl.value, "summary_window_steps": k,
         "world_size": acc.num_processes, "wall_time_s": run.timer.seconds,
-        "selected_step": chosen["step"] if chosen else cfg.steps,
+        "selected_step": chosen["step"] if chosen else cfg.max_steps,
     }
     val_records = run.validator.records if run.validator is not None else []
     if val_records:
@@ -328,10 +328,24 @@ def finish(run: Run, history: list[dict[str, float]]) -> dict:
     return summary
 
 
-def cli(argv: list[str] | None = None) -> None:
-    from pipeline.ppo import __doc__ as stage_doc
+def cli(argv: list[str] | None = None, description: str = "") -> None:
+    """``rbrm ppo``: the settings class follows ``algo`` (from the command line, else the config file)."""
+    import argparse
 
-    cfg = config_lib.parse(PPOConfig, argv, prog="rbrm ppo", description=stage_doc)
+    from pipeline.ppo.config import config_class
+
+    argv = sys.argv[1:] if argv is None else argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config")
+    pre.add_argument("--algo")
+    known, _ = pre.parse_known_args(argv)
+    algo = known.algo
+    if algo is None and known.config:
+        try:
+            algo = config_lib.load_yaml(known.config).get("algo")
+        except ConfigError as e:
+            config_lib.fail(str(e))
+    cfg = config_lib.parse(config_class(str(algo or "ppo")), argv, prog="rbrm ppo", description=description or __doc__)
     try:
         main(cfg)
     except RubricError as e:

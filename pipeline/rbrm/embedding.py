@@ -187,7 +187,7 @@ def training_rows(data_dir: Path, seed: int = 0) -> list[tuple]:
     """
     import random
 
-    from pipeline.rbrm.grader import GradeItem
+    from pipeline.rbrm.rubric import GradeItem
 
     rows = []
     for line in (data_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines():
@@ -213,8 +213,7 @@ def training_rows(data_dir: Path, seed: int = 0) -> list[tuple]:
 def fit_head(backend: "EmbeddingBackend", rubrics_dir: Path, data_dir: Path) -> dict:
     from sklearn.linear_model import LogisticRegression
 
-    from pipeline.rbrm.grader import rubrics_by_class
-    from pipeline.rbrm.rubric import load_rubrics
+    from pipeline.rbrm.rubric import load_rubrics, rubrics_by_class
 
     by_class = rubrics_by_class(load_rubrics([rubrics_dir]))
     rows = training_rows(data_dir)

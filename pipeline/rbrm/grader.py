@@ -41,17 +41,11 @@ import numpy as np
 
 from pipeline.config import ConfigError, field
 from pipeline.rbrm import prompt as render_lib
-from pipeline.rbrm.rubric import CATEGORY_LABELS, PROMPT_CLASSES, Rubric, RubricError, load_rubrics
+from pipeline.rbrm.rubric import (CATEGORY_LABELS, PROMPT_CLASSES, GradeItem, Rubric, RubricError,  # noqa: F401
+                                  load_rubrics, rubrics_by_class)
 
 CONTENT_FREE = "N/A"
 MAX_PROPOSITIONS = 12  # 2^12 answer patterns is still instant; more is a rubric smell anyway
-
-
-@dataclass(frozen=True)
-class GradeItem:
-    response: str
-    prompt: str | None = None
-    prompt_class: str = "harmful"
 
 
 @dataclass
@@ -121,18 +115,6 @@ def build_backend(cfg: GraderConfig):
 
     return EmbeddingBackend(cfg.model or "all-minilm-l6-v2", batch_size=max(cfg.batch_size, 32),
                             device=cfg.device or None, cache_dir=cfg.cache_dir or None)
-
-
-def rubrics_by_class(rubrics: dict[str, Rubric], classes: Sequence[str] = PROMPT_CLASSES) -> dict[str, Rubric]:
-    """Prompt class -> the one rubric that applies to it; an error names any gap or overlap."""
-    out: dict[str, Rubric] = {}
-    for rubric in rubrics.values():
-        for cls in rubric.applies_to:
-            if cls in out:
-                raise RubricError([f"{rubric.path}: applies_to: class '{cls}' is also covered by "
-                                   f"{out[cls].path} (id {out[cls].id}); each class needs exactly one rubric"])
-            out[cls] = rubric
-    return out
 
 
 def answers_to_categories(rubric: Rubric, p_yes: np.ndarray) -> np.ndarray:

@@ -33,7 +33,7 @@ import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 CATEGORY_LABELS = ("A", "B", "C", "D")
 CATEGORY_MEANING = {
@@ -340,4 +340,25 @@ def load_rubrics(paths: list[str | Path]) -> dict[str, Rubric]:
         out[rubric.id] = rubric
     if problems:
         raise RubricError(problems)
+    return out
+
+
+@dataclass(frozen=True)
+class GradeItem:
+    """One reply to grade: the response, the request it answers (optional) and its prompt class."""
+
+    response: str
+    prompt: str | None = None
+    prompt_class: str = "harmful"
+
+
+def rubrics_by_class(rubrics: dict[str, Rubric], classes: Sequence[str] = PROMPT_CLASSES) -> dict[str, Rubric]:
+    """Prompt class -> the one rubric that applies to it; an error names any gap or overlap."""
+    out: dict[str, Rubric] = {}
+    for rubric in rubrics.values():
+        for cls in rubric.applies_to:
+            if cls in out:
+                raise RubricError([f"{rubric.path}: applies_to: class '{cls}' is also covered by "
+                                   f"{out[cls].path} (id {out[cls].id}); each class needs exactly one rubric"])
+            out[cls] = rubric
     return out
