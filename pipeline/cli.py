@@ -1,10 +1,11 @@
 """`rbrm`: one front door to every stage.
 
-    rbrm demo                       provision the default model, then SFT and the reward model
+    rbrm demo [--seeds 42,43,44]    the whole pipeline on the embedded default (SFT -> RM -> PPO -> evaluation)
     rbrm fetch smollm2-135m-instruct
     rbrm sft --config configs/sft.yaml [--field value ...]
     rbrm reward-model --config configs/reward_model.yaml [--field value ...]
     rbrm reward-model accuracy --model runs/reward_model --data FILE
+    rbrm ppo --config configs/ppo.yaml [--field value ...]      (configs/grpo.yaml: GRPO / RLOO)
     rbrm rubrics check rubrics/*.yaml
     rbrm evaluate --config configs/evaluate.yaml [--field value ...]
     rbrm evaluate compare runs/eval-before runs/eval-after

@@ -33,8 +33,10 @@ How this departs from PPO (``pipeline/ppo/trainer.py``):
 - prompts are not cut to ``max_prompt_length`` (TRL 1.16 has no such setting);
 - a response no reward source scored comes back to TRL as None: it is left out of its
   group's baseline and gets zero advantage, as PPO drops it;
-- as in PPO, the learning rate is constant, dropout is off and top-k sampling is off; TRL's
-  loss settings (GRPO's ``dapo`` loss, group-std scaling) stay at TRL's defaults;
+- as in PPO, ``lr_scheduler_type`` and ``warmup_steps`` shape the learning rate (one optimizer
+  step per step here, so TRL's per-optimizer-step schedule is the same), dropout is off and
+  top-k sampling is off; TRL's loss settings (GRPO's ``dapo`` loss, group-std scaling) stay at
+  TRL's defaults;
 - ``model/`` holds the policy only (no ``value_head.pt``); with LoRA the adapters are merged
   and the reference is the policy with its adapters off.
 
