@@ -116,8 +116,22 @@ def test_key_missing_from_an_older_checkpoint_counts_as_its_default(tmp_path):
     (ckpt / ppo_checkpoint.STATE_FILE).write_text(json.dumps(meta))
     path, _ = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
     assert path == ckpt
-    with pytest.raises(config_lib.ConfigError, match=r"lr_schedule: 'constant' -> 'linear'"):
+    with pytest.raises(config_lib.ConfigError, match=r"lr_scheduler_type: 'constant' -> 'linear'"):
         ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, lr_scheduler_type="linear"), 1)
+
+
+def test_checkpoint_written_under_the_old_key_names_still_resumes(tmp_path):
+    ckpt = _fake_checkpoint(tmp_path, _cfg(tmp_path))
+    meta = json.loads((ckpt / ppo_checkpoint.STATE_FILE).read_text())
+    saved = meta["config"]
+    for old, new in (("steps", "max_steps"), ("lr_schedule", "lr_scheduler_type"), ("save_every", "save_steps"),
+                     ("responses_per_prompt", "num_generations"), ("lr_warmup_steps", "warmup_steps")):
+        saved[old] = saved.pop(new)
+    (ckpt / ppo_checkpoint.STATE_FILE).write_text(json.dumps(meta))
+    path, _ = ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True), 1)
+    assert path == ckpt
+    with pytest.raises(config_lib.ConfigError, match=r"warmup_steps: 0 -> 3"):
+        ppo_checkpoint.checkpoint_to_resume(_cfg(tmp_path, resume=True, warmup_steps=3), 1)
 
 
 def test_resume_with_another_process_count_is_refused(tmp_path):
