@@ -346,7 +346,7 @@ def main(cfg: EvaluateConfig) -> dict:
             "grader": {"backend": grader.backend.fingerprint, "rubrics": {c: f"{r.id} v{r.version} ({r.hash})"
                                                                           for c, r in grader.by_class.items()}},
             "wall_time_s": timer.seconds}
-    paths = report_lib.write_report(out, summary, meta)
+    paths = report_lib.write_report(out, summary, meta, records)
     runs.write_run(out, STAGE, status="complete", wall_time_s=timer.seconds,
                    outputs=sorted(p.name for p in paths.values()))
     print(f"{STAGE}: done in {timer.seconds}s; report in {out / 'report.md'}", file=sys.stderr)

@@ -91,7 +91,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
                 "mode": grader.mode_for(rubric), "calibrate": cfg.calibrate, "limit": args.limit,
                 "max_response_chars": cfg.max_response_chars}
     out = Path(args.out)
-    agree.write_outputs(out, result, settings, gold, grades, positive)
+    paths = agree.write_outputs(out, result, settings, gold, grades, positive)
     print(f"{args.gold}: {result['scored']}/{result['rows']} scored in {seconds:.0f} s by {grader.backend.fingerprint} "
           f"({settings['mode']})")
     if result["scored"]:
@@ -101,7 +101,7 @@ def eval_cmd(args: argparse.Namespace) -> int:
             print(f"  {side:8s} precision {m['precision']}  recall {m['recall']}  (n={m['support']})")
         print("  confusion (label x predicted):  " + "  ".join(
             f"{side}: " + " ".join(f"{c}={n}" for c, n in row.items()) for side, row in result["confusion"].items()))
-    print(f"  wrote {out / 'agreement.json'}, {out / 'predictions.jsonl'}, {out / 'reliability.png'}")
+    print(f"  wrote {', '.join(str(p) for p in paths.values())}; open {paths['html']} to read every row")
     return 0
 
 

@@ -106,8 +106,8 @@ def check_png(path, min_bytes=1000):
 def test_write_report_files(tmp_path):
     summary = two_model_summary()
     paths = report.write_report(tmp_path / "run", summary, META)
-    assert set(paths) == {"json", "markdown", "incorrect_behaviour", "category_mix"}
-    assert {p.name for p in paths.values()} == {"report.json", "report.md", "incorrect_behaviour.png",
+    assert set(paths) == {"json", "markdown", "html", "incorrect_behaviour", "category_mix"}
+    assert {p.name for p in paths.values()} == {"report.json", "report.md", "report.html", "incorrect_behaviour.png",
                                                  "category_mix.png"}
     for p in paths.values():
         assert p.parent == tmp_path / "run" and p.is_file()
@@ -223,7 +223,7 @@ def test_compare_files(runs, capsys):
     result = report.compare(run_a, run_b)
     out = run_b / "compare_eval-before"
     assert result["files"] == {"json": str(out / "compare.json"), "markdown": str(out / "compare.md"),
-                               "chart": str(out / "compare.png")}
+                               "chart": str(out / "compare.png"), "html": str(out / "compare.html")}
     assert json.loads((out / "compare.json").read_text())["deltas"] == result["deltas"]
     md = (out / "compare.md").read_text()
     assert "| harmful | disallowed content (C) | 31.0% | 5.6% | -25.4 | -82% | better |" in md

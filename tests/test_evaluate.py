@@ -45,7 +45,7 @@ def setup(tmp_path, tiny_model_dir, minilm_dir, monkeypatch):
 def test_tiny_evaluation_writes_every_output(setup, tmp_path):
     report = evaluate.main(setup())
     run = tmp_path / "run"
-    for name in ("report.json", "report.md", "responses.jsonl", "config.yaml", "run.json",
+    for name in ("report.json", "report.md", "report.html", "responses.jsonl", "config.yaml", "run.json",
                  "incorrect_behaviour.png", "category_mix.png"):
         assert (run / name).is_file(), name
     assert json.loads((run / "run.json").read_text())["status"] == "complete"
@@ -61,6 +61,9 @@ def test_tiny_evaluation_writes_every_output(setup, tmp_path):
     assert by_id["x2"]["prompt_class"] == "harmful" and by_id["x2"]["xstest_label"] == "unsafe"
     assert by_id["x1"]["prompt_class"] == "safe" and by_id["h1"]["xstest_label"] is None
     assert "tiny" in json.dumps(report)
+    page = (run / "report.html").read_text(encoding="utf-8")
+    blob = page.split('<script type="application/json" id="data">', 1)[1].split("</script>", 1)[0]
+    assert sorted(r["id"] for r in json.loads(blob)["rows"]) == sorted(by_id)  # every reply is on the page
 
 
 def test_generation_is_cached_and_resumes(setup, tmp_path, monkeypatch):

@@ -4,14 +4,17 @@
 
     report.json              {"meta": ..., "summary": ...}; what ``compare`` reads back
     report.md                settings, then per prompt set a class table and an overall table
+    report.html              the same tables and charts, and every reply to read, filter and compare
+                             (``html_report``; opens from disk)
     incorrect_behaviour.png  incorrect-behaviour rate per class and model, with 95% intervals
     category_mix.png         the A/B/C/D mix per model, one panel per (prompt set, class)
 
 ``compare(run_a, run_b)`` reads two runs' ``report.json`` and lists what changed from A to B
 for every model, prompt set and class both hold, as lines such as
 ``harmful / disallowed content (C): 31.0% -> 5.6% (-25.4 pts, -82%)``. It writes
-``compare.json``, ``compare.md`` and ``compare.png`` (changes in points, green where B is
-better) into ``run_b/compare_<run_a name>`` unless told otherwise.
+``compare.json``, ``compare.md``, ``compare.png`` (changes in points, green where B is better)
+and ``compare.html`` (the changes, with links to both runs' report.html) into
+``run_b/compare_<run_a name>`` unless told otherwise.
 
 Every rate is a fraction in [0, 1] and is shown as a percentage with one decimal; a rate
 with no scored responses behind it is ``None`` and is shown as ``n/a``.
@@ -28,6 +31,7 @@ from pipeline.rbrm.rubric import CATEGORY_LABELS as CATEGORIES
 from pipeline.rbrm.rubric import PROMPT_CLASSES as CLASS_ORDER
 
 REPORT_FILE = "report.json"
+HTML_FILE = "report.html"
 # short forms of rubric.CATEGORY_MEANING, for table headers and chart legends
 CATEGORY_NAMES = {
     "A": "desired refusal",
@@ -193,20 +197,21 @@ def _table(header: list[str], rows: list[list[str]], text_columns: int = 1) -> l
 
 # ---------------------------------------------------------------------------------- one run
 
-def _markdown(summary: dict, meta: dict, charts: dict[str, Path]) -> str:
+def _blocks(summary: dict) -> list[tuple]:
+    """The report's body as blocks that both report.md and report.html render:
+    ``("h2" | "h3" | "p", text)`` and ``("table", header, rows, text_columns)``."""
     models = _models(summary)
     settings = summary.get("settings") or {}
     level = f"{100 * settings['ci']:g}%" if isinstance(settings.get("ci"), (int, float)) else "95%"
-    out = ["# Refusal-rate evaluation", ""]
-    out += _meta_lines(meta or {}) + [""]
+    out: list[tuple] = []
     if settings.get("n_boot"):
-        out += [f"Intervals: {level} percentile bootstrap, {settings['n_boot']} resamples, "
-                f"seed {settings.get('seed', 'n/a')}.", ""]
-    out += ["Categories: (A) desired refusal, (B) undesired refusal, (C) disallowed content, "
-            "(D) safe non-refusal. Category, incorrect-behaviour and grader refusal rates count graded "
-            "responses; string-match rates count every response.", ""]
+        out.append(("p", f"Intervals: {level} percentile bootstrap, {settings['n_boot']} resamples, "
+                         f"seed {settings.get('seed', 'n/a')}."))
+    out.append(("p", "Categories: (A) desired refusal, (B) undesired refusal, (C) disallowed content, "
+                     "(D) safe non-refusal. Category, incorrect-behaviour and grader refusal rates count graded "
+                     "responses; string-match rates count every response."))
     for prompt_set in _prompt_sets(models):
-        out += [f"## Prompt set: {prompt_set}", "", "### By prompt class", ""]
+        out += [("h2", f"Prompt set: {prompt_set}"), ("h3", "By prompt class")]
         rows = []
         for model in models:
             classes = _block(models, model, prompt_set).get("classes", {})
@@ -216,32 +221,56 @@ def _markdown(summary: dict, meta: dict, charts: dict[str, Path]) -> str:
                              *(_pct(lookup(c, f"category_rate.{x}")) for x in CATEGORIES),
                              _ci(c.get("incorrect_behaviour_rate")),
                              _pct(lookup(c, "refusal_rate.grader")), _pct(lookup(c, "refusal_rate.string_match"))])
-        out += _table(["model", "class", "n", "graded", "A", "B", "C", "D",
-                       f"incorrect behaviour [{level} CI]", "refusal (grader)", "refusal (string match)"], rows, 2)
-
-        out += ["", "### Overall", ""]
+        out.append(("table", ["model", "class", "n", "graded", "A", "B", "C", "D",
+                              f"incorrect behaviour [{level} CI]", "refusal (grader)", "refusal (string match)"],
+                    rows, 2))
         rows = []
         for model in models:
             o = _block(models, model, prompt_set).get("overall") or {}
             agreement = o.get("agreement") or {}
             rows.append([model, *(_ci(lookup(o, key)) for key, _ in OVERALL_METRICS),
                          _pct(agreement.get("raw")), _kappa(agreement.get("kappa")), str(agreement.get("n", "n/a"))])
-        out += _table(["model", *(label for _, label in OVERALL_METRICS),
-                       "agreement grader vs string match (raw)", "kappa", "agreement n"], rows)
-        out += ["", "not unsafe: harmful prompts without disallowed content (C); not overrefuse: safe prompts "
-                "the grader does not call a refusal (A/B); F1: their harmonic mean. Refusal F1: the harmonic mean of "
-                "harmful prompts refused and safe prompts not refused, by each classifier.", ""]
-
+        out += [("h3", "Overall"),
+                ("table", ["model", *(label for _, label in OVERALL_METRICS),
+                           "agreement grader vs string match (raw)", "kappa", "agreement n"], rows, 1),
+                ("p", "not unsafe: harmful prompts without disallowed content (C); not overrefuse: safe prompts "
+                      "the grader does not call a refusal (A/B); F1: their harmonic mean. Refusal F1: the harmonic "
+                      "mean of harmful prompts refused and safe prompts not refused, by each classifier.")]
         xstest = {m: _block(models, m, prompt_set).get("overall", {}).get("xstest") for m in models}
         if any(xstest.values()):
-            out += ["### XSTest", ""]
             rows = [[model, *(str(x.get(k, "n/a")) if k.startswith("n_") else _ci(x.get(k))
                               for k, _ in XSTEST_METRICS)]
                     for model, x in xstest.items() if x]
-            out += _table(["model", *(label for _, label in XSTEST_METRICS)], rows) + [""]
+            out += [("h3", "XSTest"), ("table", ["model", *(label for _, label in XSTEST_METRICS)], rows, 1)]
+    return out
+
+
+def _markdown(summary: dict, meta: dict, charts: dict[str, Path]) -> str:
+    out = ["# Refusal-rate evaluation", ""]
+    out += _meta_lines(meta or {}) + [""]
+    for block in _blocks(summary):
+        kind = block[0]
+        if kind == "table":
+            out += _table(block[1], block[2], block[3]) + [""]
+        else:
+            out += [{"h2": "## ", "h3": "### ", "p": ""}[kind] + block[1], ""]
     out += ["## Charts", ""]
     for title, path in charts.items():
         out += [f"![{title}]({path.name})", ""]
+    return "\n".join(out)
+
+
+def _html_body(summary: dict, meta: dict) -> str:
+    from pipeline.evaluation import html_report as h
+
+    out = ["<h2>Settings</h2>", h.table(["key", "value"], [(str(k).replace("_", " "), _scalar(k, v) if not isinstance(
+        v, (dict, list, tuple)) else json.dumps(v, default=str)) for k, v in (meta or {}).items()], numeric_from=99)]
+    for block in _blocks(summary):
+        kind = block[0]
+        if kind == "table":
+            out.append(h.table(block[1], block[2], block[3]))
+        else:
+            out.append(f"<{kind}>{h.esc(block[1])}</{kind}>")
     return "\n".join(out)
 
 
@@ -341,14 +370,21 @@ def _plot_category_mix(models: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def write_report(run_dir: Path, summary: dict, meta: dict) -> dict[str, Path]:
-    """Write report.json, report.md and the two charts into ``run_dir``; return their paths by kind."""
+def write_report(run_dir: Path, summary: dict, meta: dict, records: list[dict] | None = None) -> dict[str, Path]:
+    """Write report.json, report.md, report.html and the two charts into ``run_dir``; return their paths by kind.
+
+    ``records``: the replies behind the summary (``responses.jsonl``'s rows) for report.html's
+    reply table; by default read from ``run_dir/responses.jsonl`` when it exists.
+    """
+    from pipeline.evaluation import html_report
+
     run_dir = Path(run_dir)
     models = _models(summary)
     run_dir.mkdir(parents=True, exist_ok=True)
     paths = {
         "json": run_dir / REPORT_FILE,
         "markdown": run_dir / "report.md",
+        "html": run_dir / HTML_FILE,
         "incorrect_behaviour": run_dir / "incorrect_behaviour.png",
         "category_mix": run_dir / "category_mix.png",
     }
@@ -359,6 +395,12 @@ def write_report(run_dir: Path, summary: dict, meta: dict) -> dict[str, Path]:
     charts = {"Incorrect-behaviour rate by prompt class": paths["incorrect_behaviour"],
               "Response categories per model": paths["category_mix"]}
     paths["markdown"].write_text(_markdown(summary, meta, charts), encoding="utf-8")
+    if records is None:
+        responses = run_dir / "responses.jsonl"
+        records = ([json.loads(line) for line in responses.read_text(encoding="utf-8").splitlines() if line.strip()]
+                   if responses.is_file() else [])
+    html_report.write_evaluation_page(paths["html"], _html_body(summary, meta), records, charts,
+                                      subtitle=f"{run_dir}: {len(records)} replies")
     return paths
 
 
@@ -533,7 +575,8 @@ def compare(run_a: Path, run_b: Path, out_dir: Path | None = None) -> dict:
             f"vs {names_b}): they need a model of the same name, or one model each, with a prompt set "
             "and figures in both")
     out_dir = Path(out_dir) if out_dir is not None else run_b / f"compare_{run_a.resolve().name}"
-    return _write_compare(str(run_a), str(run_b), pairs, rows, out_dir)
+    return _write_compare(str(run_a), str(run_b), pairs, rows, out_dir,
+                          {f"A ({run_a})": run_a / HTML_FILE, f"B ({run_b})": run_b / HTML_FILE})
 
 
 def compare_models(run: Path, model_a: str, model_b: str, out_dir: Path | None = None) -> dict:
@@ -548,18 +591,23 @@ def compare_models(run: Path, model_a: str, model_b: str, out_dir: Path | None =
     pairs, rows = compare_summaries({**summary, "models": {model_a: models[model_a]}},
                                     {**summary, "models": {model_b: models[model_b]}})
     out_dir = Path(out_dir) if out_dir is not None else run / f"compare_{model_a}_{model_b}"
-    return _write_compare(f"{run}:{model_a}", f"{run}:{model_b}", pairs, rows, out_dir)
+    return _write_compare(f"{run}:{model_a}", f"{run}:{model_b}", pairs, rows, out_dir, {str(run): run / HTML_FILE})
 
 
-def _write_compare(name_a: str, name_b: str, pairs: list, rows: list[dict], out_dir: Path) -> dict:
+def _write_compare(name_a: str, name_b: str, pairs: list, rows: list[dict], out_dir: Path,
+                   pages: dict[str, Path]) -> dict:
+    from pipeline.evaluation import html_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "chart": out_dir / "compare.png"}
+    files = {"json": out_dir / "compare.json", "markdown": out_dir / "compare.md", "chart": out_dir / "compare.png",
+             "html": out_dir / "compare.html"}
     result = {"run_a": name_a, "run_b": name_b,
               "pairs": [{"model_a": a, "model_b": b} for a, b in pairs],
               "deltas": rows, "files": {k: str(p) for k, p in files.items()}}
     files["json"].write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
     files["markdown"].write_text(_compare_markdown(result), encoding="utf-8")
     _plot_compare(result, files["chart"])
+    html_report.write_compare_page(files["html"], result, pages)
     return result
 
 

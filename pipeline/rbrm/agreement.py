@@ -168,13 +168,25 @@ def reliability_diagram(result: dict[str, Any], path: Path, title: str) -> None:
 
 
 def write_outputs(out_dir: Path, result: dict[str, Any], settings: dict[str, Any], gold: Sequence[GoldRow],
-                  grades, positive: Sequence[str]) -> None:
+                  grades, positive: Sequence[str]) -> dict[str, Path]:
+    """agreement.json, predictions.jsonl, reliability.png and grader_check.html (every row to read,
+    misgraded ones first) in ``out_dir``; returns their paths."""
+    from pipeline.evaluation import html_report
+
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "agreement.json").write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n",
-                                            encoding="utf-8")
-    with open(out_dir / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row, g in zip(gold, grades):
-            score = sum(g.probs[c] for c in positive) if g.scored else None
-            f.write(json.dumps({"where": row.where, "gold_positive": row.positive, "score": score} | g.to_dict()) + "\n")
-    reliability_diagram(result, out_dir / "reliability.png", f"{Path(settings['gold']).name}: "
+    paths = {"json": out_dir / "agreement.json", "predictions": out_dir / "predictions.jsonl",
+             "reliability": out_dir / "reliability.png", "html": out_dir / "grader_check.html"}
+    paths["json"].write_text(json.dumps({"settings": settings, "result": result}, indent=2) + "\n", encoding="utf-8")
+    predictions = []
+    for row, g in zip(gold, grades):
+        score = sum(g.probs[c] for c in positive) if g.scored else None
+        predictions.append({"where": row.where, "gold_positive": row.positive, "score": score} | g.to_dict())
+    with open(paths["predictions"], "w", encoding="utf-8") as f:
+        for p in predictions:
+            f.write(json.dumps(p) + "\n")
+    reliability_diagram(result, paths["reliability"], f"{Path(settings['gold']).name}: "
                         f"{settings['label']} vs P({'+'.join(positive)})")
+    page_rows = [p | {"prompt": row.prompt, "response": row.response} for p, row in zip(predictions, gold)]
+    html_report.write_grader_check_page(paths["html"], result, settings, page_rows,
+                                        paths["reliability"] if result.get("scored") else None)
+    return paths
