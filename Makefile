@@ -42,6 +42,7 @@ bench: setup
 	mkdir -p runs/bench
 	$(PY) benchmarks/grader_throughput.py --n $(BENCH_GRADER_N) --json runs/bench/grader_throughput.json
 	$(PY) benchmarks/ppo_step.py --steps $(BENCH_PPO_STEPS) --json runs/bench/ppo_step.json
+	$(PY) benchmarks/ppo_parts.py --repeats 2 --json runs/bench/ppo_parts.json
 	$(PY) benchmarks/report.py runs/bench --out runs/bench/results.md
 
 clean-venv:

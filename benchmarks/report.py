@@ -1,7 +1,8 @@
 """One markdown table of every benchmark result that exists in a folder (``make bench``).
 
-Reads ``grader_throughput.json`` (benchmarks/grader_throughput.py) and ``ppo_step.json``
-(benchmarks/ppo_step.py) from the folder when they are there, prints the table and writes it:
+Reads ``grader_throughput.json`` (benchmarks/grader_throughput.py), ``ppo_step.json``
+(benchmarks/ppo_step.py) and ``ppo_parts.json`` (benchmarks/ppo_parts.py) from the folder when
+they are there, prints the table and writes it:
 
     .venv/bin/python benchmarks/report.py runs/bench --out runs/bench/results.md
 """
@@ -40,7 +41,19 @@ def ppo_rows(data: dict) -> list[list[str]]:
     return rows
 
 
-READERS = {"grader_throughput.json": grader_rows, "ppo_step.json": ppo_rows}
+def parts_rows(data: dict) -> list[list[str]]:
+    s = data["settings"]
+    what = f"batch {s['batch_size']}, {s['max_new_tokens']} new tokens, {data['threads']} thread(s), {data['device']}"
+    return [
+        ["PPO rollout vs plain generate", what, f"{data['rollout']['tokens_per_s']:.1f} tokens/s",
+         f"{data['generate']['tokens_per_s']:.1f} tokens/s", f"{data['rollout_vs_generate']:.2f}x the speed"],
+        ["PPO update vs plain training floor", f"{s['ppo_epochs']} epochs of mini-batches of {s['mini_batch_size']}",
+         f"{data['update']['seconds']:.2f} s", f"{data['floor']['seconds']:.2f} s",
+         f"{data['update_vs_floor']:.2f}x the time"],
+    ]
+
+
+READERS = {"grader_throughput.json": grader_rows, "ppo_step.json": ppo_rows, "ppo_parts.json": parts_rows}
 
 
 def main(argv: list[str] | None = None) -> str:

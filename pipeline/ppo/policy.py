@@ -17,7 +17,8 @@ from pipeline.ppo.config import PPOConfig
 class PolicyWithValueHead(nn.Module):
     """A causal LM plus a scalar value head on its last hidden state.
 
-    ``forward`` returns ``(logits, values)``: ``(B, L, V)`` next-token logits and ``(B, L)``
+    ``forward`` returns ``(logits, values)``: ``(B, L, V)`` next-token logits (``(B, N, V)``, the
+    last N positions, with ``logits_to_keep=N``) and ``(B, L)``
     ``V(s)`` for the state ending at each position. The head starts at zero so the first
     advantages are the raw returns, not noise from a random critic.
     """
@@ -29,9 +30,10 @@ class PolicyWithValueHead(nn.Module):
         nn.init.zeros_(self.v_head.weight)
         nn.init.zeros_(self.v_head.bias)
 
-    def forward(self, input_ids, attention_mask, position_ids):
+    def forward(self, input_ids, attention_mask, position_ids, logits_to_keep: int = 0):
+        """``logits_to_keep``: compute logits for the last N positions only (0 = all); values cover all."""
         out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      output_hidden_states=True, use_cache=False)
+                      output_hidden_states=True, use_cache=False, logits_to_keep=logits_to_keep)
         hidden = out.hidden_states[-1]                                  # (B, L, H)
         values = self.v_head(hidden.to(self.v_head.weight.dtype)).squeeze(-1).float()  # (B, L); fp32 under autocast too
         return out.logits, values
@@ -74,15 +76,17 @@ def response_forward(model, query_ids, query_mask, response_ids, response_mask, 
     input_ids = torch.cat([query_ids, response_ids], 1)                  # (B, P + T)
     attention_mask = torch.cat([query_mask, response_mask], 1).long()    # (B, P + T)
     position_ids = _positions(attention_mask)
-    p = query_ids.shape[1]
+    p, t = query_ids.shape[1], response_ids.shape[1]
+    # Only the last T + 1 positions' logits are needed: the LM head over the prompt (a 49k-word
+    # vocabulary for SmolLM2) would be computed, kept for backward and cast to fp32 for nothing.
     if lm_only:
         logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                       use_cache=False).logits
+                       use_cache=False, logits_to_keep=t + 1).logits
         values = None
     else:
-        logits, values = model(input_ids, attention_mask, position_ids)
+        logits, values = model(input_ids, attention_mask, position_ids, logits_to_keep=t + 1)
         values = values[:, p - 1:-1]                                     # (B, T)
-    logits = logits[:, p - 1:-1].float() / temperature                  # (B, T, V) predicts response tokens
+    logits = logits[:, :-1].float() / temperature                       # (B, T, V) position P - 1 + i predicts token i
     return ppo_math.logprobs_from_logits(logits, response_ids), values
 
 

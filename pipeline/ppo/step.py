@@ -67,6 +67,17 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
     return StepRecord(scored, mask, raw_score, score, kl, rewards, advantages, returns)
 
 
+def trimmed_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tuple[int, int]:
+    """``(q, t)`` for rows that are left-padded prompts ``(b, P)`` and right-padded responses
+    ``(b, T)``: columns ``< q`` of the prompts and ``>= t`` of the responses are padding in every
+    row. Positions come from the attention mask, so dropping them changes no real token's value."""
+    real_q = query_mask.bool().any(0)
+    real_t = response_mask.bool().any(0)
+    q = int(real_q.nonzero()[0]) if real_q.any() else query_mask.shape[1]
+    t = int(real_t.nonzero()[-1]) + 1 if real_t.any() else 0
+    return q, max(t, 1)
+
+
 def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
                returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator,
                amp: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
@@ -96,12 +107,17 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
             if float(tokens) == 0:
                 continue  # no scored token on any process: nothing to learn (the same choice everywhere)
             token_count = tokens / world
+            # The batch is padded to its longest prompt and response; this mini-batch's rows may
+            # be shorter. Columns that are padding in every row change nothing but the cost.
+            q, t = trimmed_columns(ro.query_mask[idx], ro.response_mask[idx])
+            mb_mask = mb_mask[:, :t]
             with amp():
-                new_logprobs, new_values = response_forward(model, ro.query_ids[idx], ro.query_mask[idx],
-                                                            ro.response_ids[idx], ro.response_mask[idx], cfg.temperature)
-            pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, ro.logprobs[idx], advantages[idx], mb_mask,
+                new_logprobs, new_values = response_forward(model, ro.query_ids[idx, q:], ro.query_mask[idx, q:],
+                                                            ro.response_ids[idx, :t], ro.response_mask[idx, :t],
+                                                            cfg.temperature)
+            pg_loss, pg_stats = ppo_math.policy_loss(new_logprobs, ro.logprobs[idx, :t], advantages[idx, :t], mb_mask,
                                                      cfg.clip_range, token_count)
-            vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx], returns[idx], mb_mask,
+            vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx, :t], returns[idx, :t], mb_mask,
                                                     cfg.clip_range_value, token_count)
             loss = pg_loss + cfg.vf_coef * vf_loss
             accelerator.backward(loss)

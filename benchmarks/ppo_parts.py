@@ -1,0 +1,152 @@
+"""Where a PPO step's time goes, each part against what the same work costs in one plain call.
+
+One process, one model, one batch of the project's training prompts; every figure is the median
+of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
+
+  rollout        ``pipeline.ppo.rollout.rollout`` (sampling, then the policy's and the
+                 reference's log-probs and values), as response tokens per second
+  generate       plain ``model.generate`` on the same prompts with the same sampling settings,
+                 the floor for the rollout: response tokens per second
+  update         ``pipeline.ppo.step.ppo_update`` over that rollout (``--ppo-epochs`` passes of
+                 mini-batches of ``--mini-batch-size``)
+  floor          the same passes and mini-batches as plain training: one forward of the causal
+                 LM over prompt + response, a mean log-prob loss, backward, AdamW step
+
+It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
+time (goal <= 1.3x). Run from the repository root (threads: ``OMP_NUM_THREADS``):
+
+    .venv/bin/python benchmarks/ppo_parts.py --model runs/sft --repeats 3
+    .venv/bin/python benchmarks/ppo_parts.py --json runs/bench/ppo_parts.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def timed(fn, repeats: int) -> tuple[float, object]:
+    """(median seconds over ``repeats`` runs after one warm-up, the last result)."""
+    fn()
+    times, out = [], None
+    for _ in range(repeats):
+        start = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times), out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="policy: a run folder, a path or a model id")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--mini-batch-size", type=int, default=4)
+    parser.add_argument("--ppo-epochs", type=int, default=2)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--temperature", type=float, default=0.5)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", default=None, help="also write the figures here")
+    args = parser.parse_args(argv)
+
+    import torch
+    from accelerate import Accelerator
+
+    from pipeline.data import read_rows
+    from pipeline.models import encode_user_turns, load_causal_lm, load_tokenizer, resolve_model
+    from pipeline.ppo import PPOConfig
+    from pipeline.ppo.policy import build_policy
+    from pipeline.ppo.rollout import rollout
+    from pipeline.ppo.step import ppo_update
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    path = resolve_model(args.model, None)
+    tokenizer = load_tokenizer(path)
+    cfg = PPOConfig(model=str(path), prompts="data/prompts.jsonl", output_dir="unused", batch_size=args.batch_size,
+                    mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
+                    max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
+                    rewards={"rm": {"model": "unused"}})
+    policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
+    policy.to(device)
+    if ref_lm is not None:
+        ref_lm.to(device)
+    rows = [r for _, r in read_rows(str(ROOT / "data" / "prompts.jsonl")) if r.get("split", "train") == "train"]
+    prompts = [r["prompt"] for r in rows[:args.batch_size]]
+    classes = [r["prompt_class"] for r in rows[:args.batch_size]]
+    accelerator = Accelerator(cpu=device == "cpu")
+    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-7)
+    torch.manual_seed(args.seed)
+
+    def plain_generate():
+        enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
+        with torch.no_grad():
+            out = policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
+                                     pad_token_id=tokenizer.pad_token_id)
+        response = out[:, enc["input_ids"].shape[1]:]
+        return int((response != tokenizer.pad_token_id).sum())
+
+    def our_rollout():
+        return rollout(policy, ref_lm, tokenizer, prompts, classes, cfg)
+
+    gen_s, gen_tokens = timed(plain_generate, args.repeats)
+    roll_s, ro = timed(our_rollout, args.repeats)
+    roll_tokens = int(ro.response_mask.sum())
+    mask = ro.response_mask.float()
+    advantages = torch.randn_like(mask) * mask
+    returns = torch.randn_like(mask) * mask
+    generator = torch.Generator().manual_seed(args.seed)
+
+    def our_update():
+        return ppo_update(policy, optimizer, accelerator, ro, mask, advantages, returns, cfg, generator,
+                          contextlib.nullcontext)
+
+    def floor_update():
+        n = mask.shape[0]
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(n, generator=generator)
+            for start in range(0, n, cfg.mini_batch_size):
+                idx = order[start:start + cfg.mini_batch_size]
+                ids = torch.cat([ro.query_ids[idx], ro.response_ids[idx]], 1)
+                attn = torch.cat([ro.query_mask[idx], ro.response_mask[idx]], 1)
+                logits = policy.lm(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
+                loss.backward()
+                optimizer.step()
+                optimizer.zero_grad()
+
+    update_s, _ = timed(our_update, args.repeats)
+    floor_s, _ = timed(floor_update, args.repeats)
+    result = {
+        "device": device, "threads": torch.get_num_threads(), "model": str(path),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
+        "prompt_tokens": int(ro.query_mask.sum()), "prompt_columns": int(ro.query_ids.shape[1]),
+        "generate": {"seconds": gen_s, "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen_s},
+        "rollout": {"seconds": roll_s, "tokens": roll_tokens, "tokens_per_s": roll_tokens / roll_s},
+        "update": {"seconds": update_s}, "floor": {"seconds": floor_s},
+    }
+    result["rollout_vs_generate"] = result["rollout"]["tokens_per_s"] / result["generate"]["tokens_per_s"]
+    result["update_vs_floor"] = update_s / floor_s
+    print(f"device {device}, {result['threads']} thread(s), batch {args.batch_size}, mini-batch "
+          f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens")
+    print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
+          f"plain generate {gen_s:6.2f} s  {result['generate']['tokens_per_s']:7.1f} tokens/s   "
+          f"ratio {result['rollout_vs_generate']:.2f} (goal >= 0.90)")
+    print(f"update   {update_s:6.2f} s   floor (plain forward+backward+AdamW) {floor_s:6.2f} s   "
+          f"ratio {result['update_vs_floor']:.2f}x (goal <= 1.30x)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+if __name__ == "__main__":
+    main()
