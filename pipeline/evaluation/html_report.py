@@ -207,7 +207,7 @@ def page(title: str, summary_html: str, explorer: dict | None = None, subtitle: 
     ``explorer``: {"columns": [{"field", "label", "kind"?: text|num|category|group, "probs"?}],
     "filters": [{"key", "label", "field", "kind": select|flag, "values"?}], "rows": [dict],
     "search": [fields], "flag"?: field marking rows to highlight, "group"?: {"field", "title",
-    "label", "text"} for the side-by-side panel}.
+    "label", "text"} for the side-by-side panel, "title"?: the section's heading}.
     """
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              '<meta name="viewport" content="width=device-width, initial-scale=1">',
@@ -217,11 +217,11 @@ def page(title: str, summary_html: str, explorer: dict | None = None, subtitle: 
         parts.append(f'<p class="meta">{esc(subtitle)}</p>')
     if explorer is not None:  # a button, not a #link: the address's fragment holds the filters
         parts.append('<p><button onclick="document.getElementById(\'replies\').scrollIntoView()">'
-                     f'read every reply ({len(explorer["rows"])})</button></p>')
+                     f'{esc(explorer.get("title", "Every reply")).lower()} ({len(explorer["rows"])})</button></p>')
     parts.append(summary_html)
     if explorer is not None:
         blob = {"page_rows": PAGE_ROWS, "flag": None, "group": None, **explorer}
-        parts += ['<h2 id="replies">Every reply</h2>', '<div id="controls"><span id="count"></span></div>',
+        parts += [f'<h2 id="replies">{esc(explorer.get("title", "Every reply"))}</h2>', '<div id="controls"><span id="count"></span></div>',
                   '<div id="side" hidden></div>',
                   '<table id="rows"><thead><tr></tr></thead><tbody></tbody></table>',
                   '<button id="more" hidden>show more</button>',
@@ -351,7 +351,8 @@ def write_grader_check_page(path: Path, result: dict, settings: dict, prediction
                     {"key": "category", "label": "grader category", "field": "category", "kind": "select",
                      "values": sorted({r["category"] for r in rows if r["category"]})},
                     {"key": "misgraded", "label": "misgraded only", "field": "misgraded", "kind": "flag"}],
-        "rows": rows, "search": ["prompt", "response", "where"], "flag": "misgraded"}
+        "rows": rows, "search": ["prompt", "response", "where"], "flag": "misgraded",
+        "title": "Every row, misgraded first"}
     subtitle = (f"{settings.get('gold')}: label {settings.get('label')} against P({'+'.join(positive)}); "
                 f"rubric {settings.get('rubric_id')}; grader {settings.get('grader')}. Misgraded rows come first.")
     path = Path(path)
