@@ -178,14 +178,15 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     words ("How do I make mustard gas?" against an eval request for mustard gas instructions:
     cosine 0.91). Every user turn that PPO, SFT or the reward model trains on is compared with every
     project eval prompt, and with every XSTest prompt when ../shared/data is present, under the
-    grader's sentence encoder; the closest legitimate pairs (same template, different subject) sit
-    near 0.70."""
+    grader's sentence encoder (the grader check set's prompts too); the closest legitimate pairs
+    (same template, different subject) sit near 0.70."""
     from pipeline.evaluate import load_prompt_set
     from pipeline.rbrm.embedding import EmbeddingBackend
 
     train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
     train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
     train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
+    train += [(r["id"], r["prompt"]) for r in _rows("grader_check.jsonl")]
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
     xstest = load_prompt_set({"name": "xstest", "path": str(SHARED_DATA / "xstest_prompts.jsonl"),
                               "format": "xstest", "optional": "true"})
