@@ -168,13 +168,18 @@ class PPOConfig(PolicyTrainingConfig):
                                      "(the validated step that refuses the most harmful prompts while refusing at "
                                      "most max_over_refusal of safe ones)")
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
+    ptx_coef: float = field(0.0, help="weight of the demonstrations' negative log-likelihood added to each update "
+                                      "(PPO-ptx): holds what SFT taught where rollouts carry no signal; 0 = off")
+    ptx_data: str = field("", help="ptx_coef > 0: the SFT demonstrations (same formats as rbrm sft's data)")
+    ptx_batch_size: int = field(4, help="demonstrations per update mini-batch, per process")
+    ptx_max_length: int = field(128, help="demonstration replies keep their first this many tokens")
 
     def validate(self) -> None:
         super().validate()
         if self.algo != "ppo":
             raise ConfigError(f"key 'algo': PPOConfig is for algo ppo, got {self.algo!r}")
         for name in ("mini_batch_size", "ppo_epochs", "max_prompt_length", "logging_steps", "kl_horizon",
-                     "val_max_new_tokens", "val_batch_size", "keep_checkpoints"):
+                     "val_max_new_tokens", "val_batch_size", "keep_checkpoints", "ptx_batch_size", "ptx_max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
         if not 0 <= self.class_baseline_decay < 1:
@@ -210,6 +215,10 @@ class PPOConfig(PolicyTrainingConfig):
         if self.kl_estimator not in ppo_math.KL_ESTIMATORS:
             raise ConfigError(f"key 'kl_estimator': expected one of {', '.join(ppo_math.KL_ESTIMATORS)}, "
                               f"got {self.kl_estimator!r}")
+        if not (self.ptx_coef >= 0 and math.isfinite(self.ptx_coef)):
+            raise ConfigError(f"key 'ptx_coef': expected a number >= 0, got {self.ptx_coef}")
+        if self.ptx_coef > 0 and not self.ptx_data:
+            raise ConfigError("key 'ptx_data': ptx_coef > 0 needs demonstrations (e.g. data/sft.jsonl)")
         if self.critic not in CRITICS:
             raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
 

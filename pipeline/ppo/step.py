@@ -80,10 +80,12 @@ def trimmed_columns(query_mask: torch.Tensor, response_mask: torch.Tensor) -> tu
 
 def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, advantages: torch.Tensor,
                returns: torch.Tensor, cfg: PPOConfig, generator: torch.Generator,
-               amp: Callable[[], Any] = contextlib.nullcontext) -> dict[str, float]:
+               amp: Callable[[], Any] = contextlib.nullcontext, demos=None) -> dict[str, float]:
     """``ppo_epochs`` passes of clipped PPO over shuffled mini-batches of one rollout.
 
-    ``amp`` makes the context the forward passes run in (bf16 autocast, or none).
+    ``amp`` makes the context the forward passes run in (bf16 autocast, or none). ``demos``
+    (a :class:`pipeline.ppo.ptx.Demonstrations`) adds ``cfg.ptx_coef`` times a batch of
+    demonstrations' negative log-likelihood to each mini-batch's loss (PPO-ptx).
 
     ``mask`` ``(B, T)`` is the response mask with unscored rows zeroed; ``advantages`` and
     ``returns`` are ``(B, T)``. Returns the mean of each loss statistic over the updates.
@@ -120,6 +122,12 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
             vf_loss, vf_stats = ppo_math.value_loss(new_values, ro.values[idx, :t], returns[idx, :t], mb_mask,
                                                     cfg.clip_range_value, token_count)
             loss = pg_loss + cfg.vf_coef * vf_loss
+            extra = {}
+            if demos is not None and cfg.ptx_coef > 0:
+                with amp():
+                    ptx_loss = demos.loss(model, mask.device)
+                loss = loss + cfg.ptx_coef * ptx_loss
+                extra["loss/ptx"] = ptx_loss
             accelerator.backward(loss)
             if cfg.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(params, cfg.max_grad_norm)
@@ -127,7 +135,7 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
             optimizer.zero_grad()
             for key, value in {"loss/policy": pg_loss, "loss/value": vf_loss, "loss/total": loss,
                                "policy/clipfrac": pg_stats["clipfrac"], "policy/approx_kl": pg_stats["approx_kl"],
-                               "value/clipfrac": vf_stats["vf_clipfrac"]}.items():
+                               "value/clipfrac": vf_stats["vf_clipfrac"], **extra}.items():
                 stats.setdefault(key, []).append(float(value.detach()))
     means = {k: sum(v) / len(v) for k, v in stats.items()}
     if world > 1 and means:

@@ -20,13 +20,14 @@ import torch
 from pipeline import config as config_lib
 from pipeline import runs
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.data import DataError, load_sft
 from pipeline.models import ModelError
 from pipeline.ppo import checkpoint, logs, validation
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.common import STAGE, load_train_prompts, rbrm_classes
 from pipeline.ppo.config import PolicyTrainingConfig, PPOConfig
 from pipeline.ppo.policy import build_policy, save_policy
+from pipeline.ppo.ptx import Demonstrations
 from pipeline.ppo.rollout import PromptSchedule, rollout
 from pipeline.ppo.state import TrainerState
 from pipeline.ppo.step import advantages_from_scores, ppo_update
@@ -56,6 +57,7 @@ class Run:
     trackers: list[str]
     timer: Timer
     resume_path: Optional[Path] = None  # the checkpoint this run continues from
+    demos: Optional[Demonstrations] = None  # PPO-ptx demonstrations (ptx_coef > 0)
 
     @property
     def is_main(self) -> bool:
@@ -97,8 +99,10 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
         lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.max_steps, cfg.lr_scheduler_type, cfg.warmup_steps)
         for group in run.optimizer.param_groups:
             group["lr"] = lr
+        if run.demos is not None:
+            run.demos.reseed(step, acc.process_index)
         loss_stats = ppo_update(run.model, run.optimizer, acc, ro, rec.mask, rec.advantages, rec.returns, cfg,
-                                state.shuffle, run.amp)
+                                state.shuffle, run.amp, run.demos)
         metrics = step_metrics(run, step, ro, rec, info, lr, loss_stats)
         metrics.update({"time/step_s": time.perf_counter() - start, "time/rollout_s": rolled - start,
                         "time/reward_s": scored_at - rolled, "time/update_s": time.perf_counter() - scored_at})
@@ -169,10 +173,15 @@ def setup(cfg: PPOConfig, reward_composer=None):
         raise ConfigError(f"keys 'class_mix' / 'class_weights': no training prompt has class {unknown[0]!r}; "
                           f"the classes are {', '.join(classes)}")
     composer = reward_composer or build_reward_composer(rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
+    demos_path = cfg.ptx_data if cfg.ptx_coef > 0 else None
+    if demos_path:
+        load_sft(demos_path)   # a data error shows now, before any model loads
 
     set_seed(cfg.seed)
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = load_tokenizer(path)
+    demos = (Demonstrations(demos_path, tokenizer, cfg.ptx_batch_size, cfg.max_prompt_length, cfg.ptx_max_length,
+                            cfg.seed) if demos_path else None)
     policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
@@ -219,7 +228,8 @@ def setup(cfg: PPOConfig, reward_composer=None):
                                          log=accelerator.log if trackers else None)
     run = Run(cfg, out, accelerator, model, unwrapped, ref_lm, tokenizer, optimizer, ds, state, selector, validator,
               amp, all_reduce, slice(accelerator.process_index * prompts_per_process,
-                                     (accelerator.process_index + 1) * prompts_per_process), trackers, timer)
+                                     (accelerator.process_index + 1) * prompts_per_process), trackers, timer,
+              demos=demos)
     if is_main:
         per_step = cfg.batch_size * world
         drawn = (f"{per_step // per_prompt} prompts x {per_prompt} responses" if per_prompt > 1
