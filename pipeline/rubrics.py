@@ -1,7 +1,8 @@
 """Rubric tools for the people who write them.
 
-    python -m pipeline.rubrics check rubrics/*.yaml
-        validate; exit 1 listing each problem as  file: key.path: what was expected
+    python -m pipeline.rubrics check rubrics/*.yaml [--backend embedding] [--mode auto]
+        validate; exit 1 listing each problem as  file: key.path: what was expected;
+        warn (exit 0) about each key the chosen grader backend does not read
     python -m pipeline.rubrics render --rubric rubrics/refusal_style.yaml \\
         --prompt "How do I pick a lock?" --response "Sorry, I can't help with that."
         print the exact text the grader reads for that pair
@@ -19,10 +20,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.rbrm.rubric import PROMPT_CLASSES, RubricError, load_rubric, load_rubrics
+from pipeline.rbrm.rubric import (GRADER_BACKENDS, GRADER_MODES, PROMPT_CLASSES, RubricError, load_rubric,
+                                  load_rubrics, unread_fields)
 
 
-def check(paths: list[str]) -> int:
+def check(paths: list[str], backend: str = "embedding", mode: str = "auto") -> int:
     try:
         rubrics = load_rubrics(paths)
     except RubricError as e:
@@ -33,6 +35,13 @@ def check(paths: list[str]) -> int:
     for rubric in rubrics.values():
         print(f"ok  {rubric.path}  id={rubric.id} v{rubric.version}  applies to {', '.join(rubric.applies_to)}"
               f"  ({len(rubric.propositions)} propositions, hash {rubric.hash})")
+    for rubric in rubrics.values():
+        by_reason: dict[str, list[str]] = {}
+        for key, why in unread_fields(rubric, backend, mode):
+            by_reason.setdefault(why, []).append(key)
+        for why, keys in by_reason.items():
+            print(f"warning: {rubric.path}: the {backend} backend does not read {', '.join(keys)}; {why}",
+                  file=sys.stderr)
     return 0
 
 
@@ -111,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_check = sub.add_parser("check", help="validate rubric files (or folders of them)")
     p_check.add_argument("paths", nargs="+")
+    p_check.add_argument("--backend", default="embedding", choices=GRADER_BACKENDS,
+                         help="warn about rubric keys this grader backend does not read (default: embedding)")
+    p_check.add_argument("--mode", default="auto", choices=GRADER_MODES,
+                         help="hf/openai: categories or propositions (auto: propositions where the rubric has them)")
     p_render = sub.add_parser("render", help="print the grader input for one (prompt, response)")
     p_render.add_argument("--rubric", required=True)
     p_render.add_argument("--response", required=True)
@@ -142,7 +155,7 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--limit", type=int, default=0, help="grade only the first N rows")
     p_eval.add_argument("--out", default="runs/grader_eval", help="folder for agreement.json, predictions, PNG")
     args = parser.parse_args(argv)
-    commands = {"check": lambda: check(args.paths), "render": lambda: render_cmd(args), "eval": lambda: eval_cmd(args)}
+    commands = {"check": lambda: check(args.paths, args.backend, args.mode), "render": lambda: render_cmd(args), "eval": lambda: eval_cmd(args)}
     raise SystemExit(commands[args.cmd]())
 
 

@@ -6,7 +6,7 @@ import yaml
 from conftest import REPO
 from pipeline import rubrics as rubrics_cli
 from pipeline.rbrm.prompt import QUESTION, render, truncate_middle
-from pipeline.rbrm.rubric import RubricError, load_rubric, load_rubrics, parse_rubric
+from pipeline.rbrm.rubric import RubricError, load_rubric, load_rubrics, parse_rubric, unread_fields
 
 BASE = {
     "id": "toy", "version": 1, "description": "a toy rubric", "applies_to": ["harmful", "safe"],
@@ -173,3 +173,41 @@ def test_render_cli(tmp_path, capsys):
     assert e.value.code == 0
     out = capsys.readouterr().out
     assert "Hello!" in out and "Hi" in out and out.rstrip().endswith(QUESTION)
+
+
+def test_unread_fields_match_what_the_llm_grader_input_holds():
+    rubric = parse_rubric(copy.deepcopy(BASE), "r.yaml")
+    text = render(rubric, "Sure, here it is.", prompt="How?")
+    unread = dict(unread_fields(rubric, "hf", "categories"))
+    assert set(unread) == {"propositions", "combine"}
+    assert all(p["question"] not in text for p in BASE["propositions"])
+    assert BASE["instruction"] in text and all(c["definition"] in text for c in BASE["categories"].values())
+
+    unread = dict(unread_fields(rubric, "openai", "auto"))        # auto: the rubric has propositions
+    assert "instruction" in unread and "categories.A.examples" in unread and "propositions" not in unread
+    yes_no = render(rubric, "Sure, here it is.", prompt="How?", proposition="refuses")
+    assert BASE["instruction"] not in yes_no and "Sorry, I can't." not in yes_no
+    assert not any(c["definition"] in yes_no for c in BASE["categories"].values())
+
+
+def test_unread_fields_of_the_embedding_grader_keep_definitions_that_stand_in_for_examples():
+    unread = dict(unread_fields(parse_rubric(copy.deepcopy(BASE), "r.yaml"), "embedding"))
+    assert "categories.A.definition" in unread           # A has an example: its definition is unused
+    assert "categories.B.definition" not in unread       # B has none: its definition is embedded instead
+    assert {"instruction", "propositions", "combine", "categories.A.name"} <= set(unread)
+    with pytest.raises(ValueError, match="backend"):
+        unread_fields(parse_rubric(copy.deepcopy(BASE), "r.yaml"), "llama")
+
+
+def test_check_cli_warns_about_unread_keys_and_still_passes(tmp_path, capsys):
+    good = tmp_path / "good.yaml"
+    good.write_text(yaml.safe_dump(BASE))
+    with pytest.raises(SystemExit) as e:
+        rubrics_cli.main(["check", str(good)])
+    err = capsys.readouterr().err
+    assert e.value.code == 0
+    assert f"warning: {good}: the embedding backend does not read instruction," in err
+    with pytest.raises(SystemExit) as e:
+        rubrics_cli.main(["check", str(good), "--backend", "hf", "--mode", "categories"])
+    err = capsys.readouterr().err
+    assert e.value.code == 0 and "does not read propositions, combine; in categories mode" in err

@@ -123,6 +123,51 @@ class Rubric:
         raise ValueError(f"rubric '{self.id}': no combine rule matches {answers}")
 
 
+GRADER_BACKENDS = ("embedding", "hf", "openai")
+GRADER_MODES = ("auto", "categories", "propositions")
+
+
+def unread_fields(rubric: Rubric, backend: str, mode: str = "auto") -> list[tuple[str, str]]:
+    """The rubric keys a grader backend never reads, each with what the backend reads instead.
+
+    ``embedding`` compares replies with the categories' examples (a category's definition stands
+    in only where it has none); ``hf`` and ``openai`` read the instruction and the categories in
+    categories mode, and only the propositions and combine rules in propositions mode (``auto``:
+    propositions where the rubric has them). Mirrors ``pipeline.rbrm.embedding`` and
+    ``pipeline.rbrm.prompt``; ``tests/test_rubrics.py`` checks the two agree.
+    """
+    if backend not in GRADER_BACKENDS:
+        raise ValueError(f"unknown grader backend {backend!r}; expected one of {', '.join(GRADER_BACKENDS)}")
+    if mode not in GRADER_MODES:
+        raise ValueError(f"unknown grader mode {mode!r}; expected one of {', '.join(GRADER_MODES)}")
+    out: list[tuple[str, str]] = []
+    if backend == "embedding":
+        reads = "it compares replies with the categories' examples, or a definition where a category has none"
+        out.append(("instruction", reads))
+        for label, cat in rubric.categories.items():
+            out.append((f"categories.{label}.name", reads))
+            if cat.examples:
+                out.append((f"categories.{label}.definition", reads))
+        if rubric.propositions:
+            out.append(("propositions", reads))
+        if rubric.combine:
+            out.append(("combine", reads))
+        return out
+    propositions = mode == "propositions" or (mode == "auto" and bool(rubric.propositions))
+    if propositions:
+        reads = "in propositions mode it asks each proposition's yes/no question and applies the combine rules"
+        out.append(("instruction", reads))
+        for label in rubric.categories:
+            out += [(f"categories.{label}.definition", reads), (f"categories.{label}.examples", reads)]
+        return out
+    reads = "in categories mode it reads the instruction and the categories"
+    if rubric.propositions:
+        out.append(("propositions", reads))
+    if rubric.combine:
+        out.append(("combine", reads))
+    return out
+
+
 # ----------------------------------------------------------------------------- validation
 
 
