@@ -104,15 +104,20 @@ def test_ppo_update_is_the_same_on_one_and_two_processes(tmp_path, tiny_model_di
 
 
 def test_ppo_runs_on_two_processes_and_checkpoints_each_rank(tmp_path, tiny_model_dir):
+    # with PPO-ptx on: the demonstrations' forward shares each update's backward under DDP
     prompts = write_jsonl(tmp_path / "prompts.jsonl", [
         {"prompt": f"Question {i}: say something.", "prompt_class": "safe", "split": "train"} for i in range(8)])
+    demos = write_jsonl(tmp_path / "demos.jsonl", [CONV] * 3)
     rewards = json.dumps({"contains": {"text": "a", "reward": 1, "normalise": "running"}})
     _launch(["-m", "pipeline.ppo", "--model", str(tiny_model_dir), "--prompts", str(prompts), "--output_dir", "run",
              "--max_steps", "2", "--batch_size", "2", "--mini_batch_size", "1", "--max_new_tokens", "4",
-             "--save_steps", "1", "--report_to", "none", "--rewards", rewards], tmp_path)
+             "--save_steps", "1", "--report_to", "none", "--rewards", rewards, "--ptx_coef", "0.5",
+             "--ptx_data", str(demos), "--ptx_batch_size", "2"], tmp_path)
     run = tmp_path / "run"
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["world_size"] == 2 and metrics["responses"] == 8 and metrics["steps"] == 2
+    history = [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
+    assert all(h["loss/ptx"] > 0 for h in history)
     ckpt = run / "checkpoints" / "step-1"
     assert (ckpt / "trainer_state_0.pt").is_file() and (ckpt / "trainer_state_1.pt").is_file()
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
