@@ -13,7 +13,9 @@ of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
                  LM over prompt + response, a mean log-prob loss, backward, AdamW step
 
 It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
-time (goal <= 1.3x). Run from the repository root (threads: ``OMP_NUM_THREADS``):
+time (goal <= 1.3x). ``--bf16 auto`` (the default) autocasts every part to bf16 where the
+trainer would (``bf16: null``: a bf16 GPU, a CPU with AMX); ``on``/``off`` force it. Run from the
+repository root (threads: ``OMP_NUM_THREADS``):
 
     .venv/bin/python benchmarks/ppo_parts.py --model runs/sft --repeats 3
     .venv/bin/python benchmarks/ppo_parts.py --json runs/bench/ppo_parts.json
@@ -22,7 +24,6 @@ time (goal <= 1.3x). Run from the repository root (threads: ``OMP_NUM_THREADS``)
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import statistics
 import sys
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--temperature", type=float, default=0.5)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
+                        help="bf16 autocast for every part: auto = where the trainer uses it (bf16: null)")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -66,8 +69,13 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.ppo.policy import build_policy
     from pipeline.ppo.rollout import rollout
     from pipeline.ppo.step import ppo_update
+    from pipeline.training import use_bf16
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
+    bf16 = use_bf16({"auto": None, "on": True, "off": False}[args.bf16])
+
+    def amp():
+        return torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
     path = resolve_model(args.model, None)
     tokenizer = load_tokenizer(path)
     cfg = PPOConfig(model=str(path), prompts="data/prompts.jsonl", output_dir="unused", batch_size=args.batch_size,
@@ -87,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     def plain_generate():
         enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
-        with torch.no_grad():
+        with torch.no_grad(), amp():
             out = policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
                                      max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
                                      pad_token_id=tokenizer.pad_token_id)
@@ -95,7 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
         return int((response != tokenizer.pad_token_id).sum())
 
     def our_rollout():
-        return rollout(policy, ref_lm, tokenizer, prompts, classes, cfg)
+        with amp():
+            return rollout(policy, ref_lm, tokenizer, prompts, classes, cfg)
 
     gen_s, gen_tokens = timed(plain_generate, args.repeats)
     roll_s, ro = timed(our_rollout, args.repeats)
@@ -106,8 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
 
     def our_update():
-        return ppo_update(policy, optimizer, accelerator, ro, mask, advantages, returns, cfg, generator,
-                          contextlib.nullcontext)
+        return ppo_update(policy, optimizer, accelerator, ro, mask, advantages, returns, cfg, generator, amp)
 
     def floor_update():
         n = mask.shape[0]
@@ -117,7 +125,8 @@ def main(argv: list[str] | None = None) -> dict:
                 idx = order[start:start + cfg.mini_batch_size]
                 ids = torch.cat([ro.query_ids[idx], ro.response_ids[idx]], 1)
                 attn = torch.cat([ro.query_mask[idx], ro.response_mask[idx]], 1)
-                logits = policy.lm(input_ids=ids, attention_mask=attn, use_cache=False).logits
+                with amp():
+                    logits = policy.lm(input_ids=ids, attention_mask=attn, use_cache=False).logits
                 loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten())
                 loss.backward()
                 optimizer.step()
@@ -126,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict:
     update_s, _ = timed(our_update, args.repeats)
     floor_s, _ = timed(floor_update, args.repeats)
     result = {
-        "device": device, "threads": torch.get_num_threads(), "model": str(path),
+        "device": device, "threads": torch.get_num_threads(), "bf16": bf16, "model": str(path),
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
         "prompt_tokens": int(ro.query_mask.sum()), "prompt_columns": int(ro.query_ids.shape[1]),
         "generate": {"seconds": gen_s, "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen_s},
@@ -135,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     result["rollout_vs_generate"] = result["rollout"]["tokens_per_s"] / result["generate"]["tokens_per_s"]
     result["update_vs_floor"] = update_s / floor_s
-    print(f"device {device}, {result['threads']} thread(s), batch {args.batch_size}, mini-batch "
+    print(f"device {device}, {result['threads']} thread(s), {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, mini-batch "
           f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens")
     print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
           f"plain generate {gen_s:6.2f} s  {result['generate']['tokens_per_s']:7.1f} tokens/s   "
