@@ -369,15 +369,16 @@ def test_bf16_autocasts_rollouts_and_keeps_fp32_weights(tmp_path, tiny_model_dir
 
 # The history of a short seeded run. A change meant to leave behaviour alone (a refactor) must
 # reproduce it to float rounding; a change that alters training on purpose updates these numbers
-# and says why. Recorded when the PPO loop was split into pipeline/ppo/, then again when the
-# log-prob forward stopped computing logits over prompt positions (logits_to_keep): the policy's
-# and the reference's log-probs at step 1 then differ by float rounding (1e-6) instead of not at
-# all, and Adam turns even that gradient into a full-sized first step, so the runs part there.
+# and says why. The reward ("a" in the reply) splits the first step's replies, so every update is
+# driven by a real advantage: with a first step whose replies all scored the same, the policy's
+# gradient was float noise that Adam scales to a full-sized step on one CPU and that is exactly
+# zero on another, and the runs parted there. Re-recorded for that reason; the same numbers come
+# out with 1 and 2 torch threads (a different summation order).
 PINNED_HISTORY = [  # reward/score, objective/kl, loss/policy, loss/value, policy/approx_kl per step
-    [1.0, 0.0, -1.2183e-05, 8.9391e-05, 0.043638],
-    [0.75, -0.170482, -0.028521, 2.36234, 0.020135],
-    [0.25, -0.126574, -0.052668, 3.764281, 0.005027],
-    [0.75, 0.018726, -0.06374, 0.543967, 0.006275],
+    [0.5, 0.0, -0.080385, 0.469141, 0.04018],
+    [0.75, -0.136732, -0.05168, 0.439209, 0.017214],
+    [0.5, -0.003266, -0.056974, 0.496804, 0.005612],
+    [0.5, 0.035615, -0.044554, 0.490229, 0.003638],
 ]
 
 
@@ -386,7 +387,7 @@ def test_seeded_tiny_run_reproduces_the_pinned_history(tmp_path, tiny_model_dir)
              "split": "train"} for i in range(8)]
     cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(write_jsonl(tmp_path / "p.jsonl", rows)), max_steps=4,
                batch_size=4, mini_batch_size=2, ppo_epochs=2, max_new_tokens=2, seed=7, warmup_steps=1,
-               class_scale=True, class_mix={"harmful": 1, "safe": 1}, rewards={"contains": {"text": "e", "reward": 1}},
+               class_scale=True, class_mix={"harmful": 1, "safe": 1}, rewards={"contains": {"text": "a", "reward": 1}},
                bf16=False)  # fp32 everywhere: with bf16 on (a CPU with AMX) the numbers are bf16's
     ppo.main(cfg)
     history = [json.loads(line) for line in (tmp_path / "run" / "history.jsonl").read_text().splitlines()]
