@@ -106,6 +106,9 @@ def eval_cmd(args: argparse.Namespace) -> int:
     if result["scored"]:
         print(f"  accuracy {result['accuracy']:.3f}   ROC AUC {result['roc_auc']}   calibration error "
               f"{result['calibration_error']:.3f}   base rate {result['base_rate']:.3f}")
+        best = result["best_threshold"]
+        print(f"  F1 {result['f1']}   at the best cut on P({'+'.join(positive)}) >= {best['threshold']}: accuracy "
+              f"{best['accuracy']:.3f}, F1 {best['f1']} (fitted on these rows: an upper bound)")
         for side, m in result["per_side"].items():
             print(f"  {side:8s} precision {m['precision']}  recall {m['recall']}  (n={m['support']})")
         print("  confusion (label x predicted):  " + "  ".join(

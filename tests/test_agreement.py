@@ -39,6 +39,12 @@ def test_agreement_metrics_by_hand():
     # ECE = (|.9-1| + |.7-1| + |.4-1| + .6 + .2 + .1) / 6
     assert res["calibration_error"] == pytest.approx((.1 + .3 + .6 + .6 + .2 + .1) / 6, abs=1e-4)
     assert sum(b["n"] for b in res["reliability"]) == 6
+    # F1 of the decision: precision 2/3, recall 2/3 -> 2/3
+    assert res["f1"] == pytest.approx(2 / 3, abs=1e-4)
+    # best cut on the scores .9 .7 .4 | .6 .2 .1: between .2 and .4 (0.3) calls .9 .7 .4 .6 positive:
+    # 5 of 6 right, F1 = 2*3 / (4 + 3); no cut gets all 6 (the .6 negative outranks the .4 positive)
+    assert res["best_threshold"] == {"threshold": pytest.approx(0.3, abs=1e-4),
+                                     "accuracy": pytest.approx(5 / 6, abs=1e-4), "f1": pytest.approx(6 / 7, abs=1e-4)}
 
 
 def test_unscored_rows_are_counted_not_guessed():

@@ -110,6 +110,31 @@ def calibration(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[float, li
     return float(ece), table
 
 
+def f1_score(y: np.ndarray, guess: np.ndarray) -> float | None:
+    """F1 of the positive side: harmonic mean of precision and recall (None with no positives at all)."""
+    tp = int((y.astype(bool) & guess).sum())
+    denom = int(guess.sum()) + int(y.sum())
+    return 2 * tp / denom if denom else None
+
+
+def best_threshold(y: np.ndarray, p: np.ndarray) -> dict[str, Any]:
+    """The cut on ``p`` (call positive when ``p >= threshold``) with the highest agreement on
+    this set, and that cut's agreement and F1. Chosen on the same rows it is scored on, so it is
+    an upper bound on what a threshold fitted elsewhere would reach: it tells ranking from
+    decision quality, not a setting to ship."""
+    values = np.unique(p)
+    # every distinct way to split the sorted scores: below the lowest, between neighbours, above the highest
+    cuts = np.concatenate([[values[0] - 1e-9], (values[:-1] + values[1:]) / 2, [values[-1] + 1e-9]])
+    best = None
+    for cut in cuts:
+        guess = p >= cut
+        acc = float((guess == y.astype(bool)).mean())
+        if best is None or acc > best[1]:
+            best = (float(cut), acc, f1_score(y, guess))
+    return {"threshold": round(best[0], 4), "accuracy": round(best[1], 4),
+            "f1": None if best[2] is None else round(best[2], 4)}
+
+
 def agreement(gold: Sequence[GoldRow], grades, positive: Sequence[str]) -> dict[str, Any]:
     scored = [(g_row, g) for g_row, g in zip(gold, grades) if g.scored]
     out: dict[str, Any] = {"rows": len(gold), "scored": len(scored), "not_scored": len(gold) - len(scored)}
@@ -120,6 +145,9 @@ def agreement(gold: Sequence[GoldRow], grades, positive: Sequence[str]) -> dict[
     pred_pos = np.array([g.category in positive for _, g in scored])
     out["accuracy"] = round(float((pred_pos == y.astype(bool)).mean()), 4)
     out["roc_auc"] = round(roc_auc(y, p), 4) if 0 < y.sum() < len(y) else None
+    f1 = f1_score(y, pred_pos)
+    out["f1"] = None if f1 is None else round(f1, 4)
+    out["best_threshold"] = best_threshold(y, p)
     out["base_rate"] = round(float(y.mean()), 4)
     sides = {}
     for name, truth, guess in (("positive", y == 1, pred_pos), ("negative", y == 0, ~pred_pos)):
