@@ -8,7 +8,7 @@ from conftest import write_jsonl
 from pipeline import config as config_lib
 from pipeline import ppo
 from pipeline.config import ConfigError
-from pipeline.data import DataError
+from pipeline.data import DataError, load_sft
 from pipeline.models import load_causal_lm, load_tokenizer
 from pipeline.ppo.ptx import Demonstrations, masked_nll
 from pipeline.rewards import ContainsSource, RewardComposer
@@ -40,8 +40,8 @@ def test_masked_nll_averages_only_real_tokens():
 
 def test_demonstrations_batch_holds_the_last_assistant_turn_after_its_context(tmp_path, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    demos = Demonstrations(str(write_jsonl(tmp_path / "d.jsonl", DEMOS)), tok, batch_size=4, max_prompt_length=256,
-                           max_response_length=6, seed=0)
+    conversations = load_sft(str(write_jsonl(tmp_path / "d.jsonl", DEMOS)))["messages"]
+    demos = Demonstrations(conversations, tok, batch_size=4, max_prompt_length=256, max_response_length=6, seed=0)
     demos.reseed(step=1)
     b = demos.batch("cpu")
     assert b["query_ids"].shape[0] == 4
@@ -63,9 +63,9 @@ def test_demonstrations_batch_holds_the_last_assistant_turn_after_its_context(tm
 
 def test_draws_are_a_function_of_step_so_a_resumed_run_repeats_them(tmp_path, tiny_model_dir):
     tok = load_tokenizer(str(tiny_model_dir))
-    path = str(write_jsonl(tmp_path / "d.jsonl", DEMOS * 5))
-    a = Demonstrations(path, tok, 3, 256, 32, seed=7)
-    b = Demonstrations(path, tok, 3, 256, 32, seed=7)
+    conversations = load_sft(str(write_jsonl(tmp_path / "d.jsonl", DEMOS * 5)))["messages"]
+    a = Demonstrations(conversations, tok, 3, 256, 32, seed=7)
+    b = Demonstrations(conversations, tok, 3, 256, 32, seed=7)
     a.reseed(5)
     first = [a.next_indices() for _ in range(3)]
     b.reseed(4)
@@ -88,7 +88,7 @@ def _cfg(tmp_path, model, **kw):
 
 def _demo_nll(model_dir, tok, path) -> float:
     lm = load_causal_lm(str(model_dir), tok)
-    demos = Demonstrations(path, tok, 4, 256, 32, seed=0)
+    demos = Demonstrations(load_sft(path)["messages"], tok, 4, 256, 32, seed=0)
     demos.reseed(0)
     with torch.no_grad():
         return float(demos.loss(lm, "cpu", lm_only=True))

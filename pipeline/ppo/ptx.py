@@ -14,11 +14,10 @@ query, its last assistant turn (with eos) the response.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from pipeline.data import DataError, load_sft
 from pipeline.ppo.policy import response_forward
 
 
@@ -33,15 +32,13 @@ class Demonstrations:
     :meth:`reseed` at the start of each step makes the draws a function of (seed, step,
     process), so a resumed run draws what an uninterrupted one would."""
 
-    def __init__(self, path: str, tokenizer, batch_size: int, max_prompt_length: int, max_response_length: int,
-                 seed: int):
-        ds = load_sft(path)
-        if len(ds) == 0:
-            raise DataError(f"{path}: key 'ptx_data': no demonstrations in the file")
+    def __init__(self, conversations: Sequence[list[dict]], tokenizer, batch_size: int, max_prompt_length: int,
+                 max_response_length: int, seed: int):
+        """``conversations``: chats ending in an assistant turn, as ``load_sft`` gives them."""
         self.tokenizer, self.batch_size = tokenizer, batch_size
         self.queries, self.responses = [], []
         eos = tokenizer.eos_token_id
-        for messages in ds["messages"]:
+        for messages in conversations:
             query = tokenizer.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
             q_ids = tokenizer(query, add_special_tokens=False)["input_ids"][-max_prompt_length:]
             r_ids = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]

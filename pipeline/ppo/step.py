@@ -123,7 +123,7 @@ def ppo_update(model, optimizer, accelerator, ro: Rollout, mask: torch.Tensor, a
                                                     cfg.clip_range_value, token_count)
             loss = pg_loss + cfg.vf_coef * vf_loss
             extra = {}
-            if demos is not None and cfg.ptx_coef > 0:
+            if demos is not None:
                 with amp():
                     ptx_loss = demos.loss(model, mask.device)
                 loss = loss + cfg.ptx_coef * ptx_loss

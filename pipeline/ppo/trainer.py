@@ -173,15 +173,16 @@ def setup(cfg: PPOConfig, reward_composer=None):
         raise ConfigError(f"keys 'class_mix' / 'class_weights': no training prompt has class {unknown[0]!r}; "
                           f"the classes are {', '.join(classes)}")
     composer = reward_composer or build_reward_composer(rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
-    demos_path = cfg.ptx_data if cfg.ptx_coef > 0 else None
-    if demos_path:
-        load_sft(demos_path)   # a data error shows now, before any model loads
+    # read now, so a data error shows before any model loads
+    conversations = load_sft(cfg.ptx_data)["messages"] if cfg.ptx_coef > 0 else None
+    if conversations is not None and not conversations:
+        raise DataError(f"{cfg.ptx_data}: key 'ptx_data': no demonstrations in the file")
 
     set_seed(cfg.seed)
     path = resolve_model(cfg.model, cfg.cache_dir)
     tokenizer = load_tokenizer(path)
-    demos = (Demonstrations(demos_path, tokenizer, cfg.ptx_batch_size, cfg.max_prompt_length, cfg.ptx_max_length,
-                            cfg.seed) if demos_path else None)
+    demos = (Demonstrations(conversations, tokenizer, cfg.ptx_batch_size, cfg.max_prompt_length,
+                            cfg.ptx_max_length, cfg.seed) if conversations is not None else None)
     policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
     optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
                                   weight_decay=cfg.weight_decay)
