@@ -9,6 +9,10 @@ rubric input and the same batch size:
             per pair, greedy ``model.generate`` with left padding, then the first standalone
             A/B/C/D letter in the reply; a reply without one counts as "no answer".
 
+The default grader backend (``classifier``) and the ``embedding`` backend grade the same pairs
+too, with the shipped rubrics; their examples/second are printed against the log-prob read-out's,
+timed in the same run.
+
 Run from the repository root:
 
     .venv/bin/python benchmarks/grader_throughput.py --n 40
@@ -194,6 +198,33 @@ def print_table(s: dict) -> None:
         print("  gold agreement: not measured (the data has no refusal labels)")
 
 
+def grade_encoders(pairs, args, t_logprob: float, progress: bool) -> dict:
+    """The MiniLM backends (``classifier``, the default, and ``embedding``) on the same pairs with
+    the shipped rubrics, timed after a warm-up; their speed is given against the log-prob read-out
+    timed in this run."""
+    from pipeline.rbrm.classifier import ClassifierBackend
+    from pipeline.rbrm.embedding import EmbeddingBackend
+    from pipeline.rbrm.grader import Grader
+    from pipeline.rbrm.rubric import GradeItem, load_rubrics
+
+    rubrics = load_rubrics([ROOT / "rubrics"])
+    items = [GradeItem(pair.response[:args.max_response_chars], pair.prompt, args.prompt_class) for pair in pairs]
+    labelled = [i for i, pair in enumerate(pairs) if pair.gold_refusal is not None]
+    out = {}
+    for kind, cls in (("classifier", ClassifierBackend), ("embedding", EmbeddingBackend)):
+        grader = Grader(rubrics, cls(device=args.device))
+        grader.grade(items[:2])
+        t0 = time.perf_counter()
+        grades = grader.grade(items, progress=progress)
+        seconds = time.perf_counter() - t0
+        out[kind] = {"seconds": seconds, "examples_per_second": len(items) / seconds,
+                     "speedup_over_logprob": t_logprob / seconds,
+                     "categories": {label: sum(g.category == label for g in grades) for label in LABELS},
+                     "gold_refusal_agreement": share((grades[i].category in REFUSAL) == pairs[i].gold_refusal
+                                                     for i in labelled)}
+    return out
+
+
 # ---------------------------------------------------------------------------- main
 
 
@@ -278,8 +309,13 @@ def main(argv: list[str] | None = None) -> dict:
     t_gen = time.perf_counter() - t0
 
     summary = summarise(pairs, ours, gen, t_ours, t_gen, mass)
+    summary["encoder_backends"] = grade_encoders(pairs, args, t_ours, progress)
     print()
     print_table(summary)
+    for kind, e in summary["encoder_backends"].items():
+        agree = f", gold refusal agreement {pct(e['gold_refusal_agreement'])}" if summary["n_labelled"] else ""
+        print(f"  {kind} backend: {e['examples_per_second']:.1f} examples/second, "
+              f"{e['speedup_over_logprob']:.1f}x the log-prob read-out{agree}")
 
     if args.json_out:
         config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json_out"}

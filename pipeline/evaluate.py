@@ -262,6 +262,53 @@ def desired_categories(grader) -> dict[str, str]:
     return out
 
 
+def reward_graders(entries: list[str]) -> dict[str, dict]:
+    """Model label -> the RBRM grader settings it was trained against, for models that are PPO/GRPO
+    run folders (their saved ``config.yaml`` has ``rewards.rbrm.grader``)."""
+    import yaml
+
+    out = {}
+    for label, model in parse_models(entries):
+        saved = Path(model) / "config.yaml"
+        if not saved.is_file():
+            continue
+        try:
+            data = yaml.safe_load(saved.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError:
+            continue
+        grader = ((data.get("rewards") or {}).get("rbrm") or {}).get("grader") if isinstance(data, dict) else None
+        if isinstance(grader, dict):
+            out[label] = grader
+    return out
+
+
+def judge_lines(grader_cfg, trained_with: dict[str, dict]) -> dict[str, str]:
+    """What produced each figure, and which models the grader also trained (its verdict on them is
+    not independent). Compared by backend, model and rubric folders."""
+    from pipeline.rbrm.grader import GraderConfig
+
+    def key(g: dict) -> tuple:
+        default = GraderConfig()
+        rubrics = g.get("rubrics") or default.rubrics
+        rubrics = [rubrics] if isinstance(rubrics, str) else rubrics
+        return (g.get("backend", default.backend), g.get("model", default.model) or "",
+                tuple(str(r).rstrip("/") for r in rubrics))
+
+    mine = key({"backend": grader_cfg.backend, "model": grader_cfg.model, "rubrics": grader_cfg.rubrics})
+    same = sorted(label for label, g in trained_with.items() if key(g) == mine)
+    lines = {}
+    if same:  # first, so that it heads the report
+        lines["warning"] = (f"the grader figures for {', '.join(same)} come from the grader that gave "
+                            f"{'its' if len(same) == 1 else 'their'} training reward, so they are not an independent "
+                            "verdict; read the string-match figures, or set a different `grader:` (backend, "
+                            "model or rubrics) to judge")
+    lines["grader figures (category rates, not unsafe, not overrefuse, F1, refusal (grader))"] = (
+        f"the {grader_cfg.backend} grader with rubrics {', '.join(key(vars(grader_cfg))[2])}")
+    lines["string-match figures"] = ("the refusal phrase list (pipeline/evaluation/refusal_match.py); no model, "
+                                     "nothing shared with any training reward")
+    return lines
+
+
 def main(cfg: EvaluateConfig) -> dict:
     from pipeline.evaluation import metrics as metrics_lib
     from pipeline.evaluation import report as report_lib
@@ -339,7 +386,8 @@ def main(cfg: EvaluateConfig) -> dict:
         for rec in records:
             f.write(json.dumps(rec) + "\n")
     summary = metrics_lib.summarise(records, n_boot=cfg.n_boot, seed=cfg.seed)
-    meta = {"models": {label: path for label, path in models},
+    meta = {"instruments": judge_lines(grader_cfg, reward_graders(cfg.models)),
+            "models": {label: path for label, path in models},
             "prompt_sets": {name: len(rows) for name, rows in sets},
             "generation": {"max_new_tokens": cfg.max_new_tokens, "temperature": cfg.temperature, "top_p": cfg.top_p,
                            "seed": cfg.seed, "batch_size": cfg.batch_size},

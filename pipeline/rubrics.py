@@ -24,7 +24,7 @@ from pipeline.rbrm.rubric import (GRADER_BACKENDS, GRADER_MODES, PROMPT_CLASSES,
                                   load_rubrics, unread_fields)
 
 
-def check(paths: list[str], backend: str = "embedding", mode: str = "auto") -> int:
+def check(paths: list[str], backend: str = "classifier", mode: str = "auto") -> int:
     try:
         rubrics = load_rubrics(paths)
     except RubricError as e:
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_check = sub.add_parser("check", help="validate rubric files (or folders of them)")
     p_check.add_argument("paths", nargs="+")
-    p_check.add_argument("--backend", default="embedding", choices=GRADER_BACKENDS,
+    p_check.add_argument("--backend", default="classifier", choices=GRADER_BACKENDS,
                          help="warn about rubric keys this grader backend does not read (default: embedding)")
     p_check.add_argument("--mode", default="auto", choices=GRADER_MODES,
                          help="hf/openai: categories or propositions (auto: propositions where the rubric has them)")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> None:
     p_eval.add_argument("--response_field", default="response")
     p_eval.add_argument("--no_prompt", action="store_true", help="grade the response without showing the request")
     p_eval.add_argument("--prompt_class", choices=PROMPT_CLASSES, help="default: the rubric's first class")
-    p_eval.add_argument("--backend", default="embedding", choices=["embedding", "hf", "openai"])
+    p_eval.add_argument("--backend", default="classifier", choices=GRADER_BACKENDS)
     p_eval.add_argument("--model", default="", help="grader model (default: the backend's default)")
     p_eval.add_argument("--base_url", default="", help="openai backend: server URL")
     p_eval.add_argument("--mode", default="auto", choices=["auto", "categories", "propositions"])

@@ -187,6 +187,7 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
     train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
     train += [(r["id"], r["prompt"]) for r in _rows("grader_check.jsonl")]
+    train += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl")]
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
     xstest = load_prompt_set({"name": "xstest", "path": str(SHARED_DATA / "xstest_prompts.jsonl"),
                               "format": "xstest", "optional": "true"})

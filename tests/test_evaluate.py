@@ -162,3 +162,27 @@ def test_sample_draws_a_fixed_subset_in_file_order(tmp_path):
     assert len(evaluate.load_prompt_set({**entry, "sample": "50"})) == 20  # more than there are: all
     with pytest.raises(Exception, match="sample: expected a number of rows"):
         evaluate.load_prompt_set({**entry, "sample": "many"})
+
+
+def test_the_report_says_when_the_grader_also_gave_a_models_training_reward(tmp_path):
+    import yaml
+
+    from pipeline.evaluate import judge_lines, reward_graders
+    from pipeline.rbrm.grader import GraderConfig
+
+    ppo = tmp_path / "ppo"
+    ppo.mkdir()
+    (ppo / "config.yaml").write_text(yaml.safe_dump(
+        {"rewards": {"rbrm": {"grader": {"backend": "classifier", "rubrics": ["rubrics/"]}}}}))
+    (tmp_path / "sft").mkdir()                                  # a model folder with no training reward
+    trained = reward_graders([f"ppo={ppo}", f"sft={tmp_path / 'sft'}", "base=smollm2-135m-instruct"])
+    assert list(trained) == ["ppo"]
+    same = judge_lines(GraderConfig(backend="classifier", rubrics=["rubrics"]), trained)
+    assert "ppo" in same["warning"] and "not an independent verdict" in same["warning"]
+    assert "nothing shared" in same["string-match figures"]
+    other = judge_lines(GraderConfig(backend="embedding", rubrics=["rubrics"]), trained)
+    assert "warning" not in other
+    other_rubrics = judge_lines(GraderConfig(backend="classifier", rubrics=["judge_rubrics"]), trained)
+    assert "warning" not in other_rubrics
+    as_text = judge_lines(GraderConfig(backend="classifier", rubrics="rubrics"), {"ppo": {"backend": "classifier"}})
+    assert "ppo" in as_text["warning"]                           # a bare folder name, and the default rubrics

@@ -206,7 +206,7 @@ def test_check_cli_warns_about_unread_keys_and_still_passes(tmp_path, capsys):
         rubrics_cli.main(["check", str(good)])
     err = capsys.readouterr().err
     assert e.value.code == 0
-    assert f"warning: {good}: the embedding backend does not read instruction," in err
+    assert f"warning: {good}: the classifier backend does not read instruction," in err
     with pytest.raises(SystemExit) as e:
         rubrics_cli.main(["check", str(good), "--backend", "hf", "--mode", "categories"])
     err = capsys.readouterr().err

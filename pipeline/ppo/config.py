@@ -33,7 +33,7 @@ ALGOS = ("ppo", "grpo", "rloo")
 
 DEFAULT_REWARDS = {
     "rm": {"model": "runs/reward_model", "weight": 1.0, "normalise": "running"},
-    "rbrm": {"weight": 1.0, "grader": {"backend": "embedding", "rubrics": ["rubrics"]}},
+    "rbrm": {"weight": 1.0, "grader": {"backend": "classifier", "rubrics": ["rubrics"]}},
 }
 
 

@@ -41,7 +41,7 @@ import numpy as np
 
 from pipeline.config import ConfigError, field
 from pipeline.rbrm import prompt as render_lib
-from pipeline.rbrm.rubric import (CATEGORY_LABELS, PROMPT_CLASSES, GradeItem, Rubric, RubricError,  # noqa: F401
+from pipeline.rbrm.rubric import (CATEGORY_LABELS, GRADER_BACKENDS, PROMPT_CLASSES, GradeItem, Rubric, RubricError,  # noqa: F401
                                   load_rubrics, rubrics_by_class)
 
 CONTENT_FREE = "N/A"
@@ -72,8 +72,9 @@ class Grade:
 
 @dataclass
 class GraderConfig:
-    backend: str = field("embedding", help="embedding (MiniLM, compares with rubric examples) | hf (local chat model) "
-                                          "| openai (OpenAI-compatible endpoint with logprobs)")
+    backend: str = field("classifier", help="classifier (MiniLM + LoRA adapter trained on refusal and harm labels) "
+                                           "| embedding (MiniLM, compares with rubric examples) | hf (local chat "
+                                           "model) | openai (OpenAI-compatible endpoint with logprobs)")
     model: str = field("", help="grader model: a short name, folder or hub id (hf, embedding), or the served "
                                 "model name (openai); empty = the backend's default")
     base_url: str = field("", help="openai backend: server URL, e.g. http://localhost:8000/v1")
@@ -90,8 +91,8 @@ class GraderConfig:
     cache_dir: str = field("", help="where embedded models are provisioned (default $RBRM_CACHE_DIR or .cache/models)")
 
     def validate(self) -> None:
-        if self.backend not in ("embedding", "hf", "openai"):
-            raise ConfigError(f"backend: expected embedding, hf or openai, got '{self.backend}'")
+        if self.backend not in GRADER_BACKENDS:
+            raise ConfigError(f"backend: expected one of {', '.join(GRADER_BACKENDS)}, got '{self.backend}'")
         if self.mode not in ("auto", "categories", "propositions"):
             raise ConfigError(f"mode: expected auto, categories or propositions, got '{self.mode}'")
         if self.backend == "openai" and not (self.base_url and self.model):
@@ -111,6 +112,11 @@ def build_backend(cfg: GraderConfig):
 
         return OpenAIBackend(cfg.base_url, cfg.model, api_key=os.environ.get(cfg.api_key_env) or None,
                              timeout=cfg.timeout, retries=cfg.retries)
+    if cfg.backend == "classifier":
+        from pipeline.rbrm.classifier import ClassifierBackend
+
+        return ClassifierBackend(cfg.model or "all-minilm-l6-v2", batch_size=max(cfg.batch_size, 32),
+                                 device=cfg.device or None, cache_dir=cfg.cache_dir or None)
     from pipeline.rbrm.embedding import EmbeddingBackend
 
     return EmbeddingBackend(cfg.model or "all-minilm-l6-v2", batch_size=max(cfg.batch_size, 32),
@@ -269,7 +275,7 @@ class Grader:
 
     def _grade_class(self, rubric: Rubric, prompt_class: str, items: Sequence[GradeItem]) -> list[Grade]:
         mode = self.mode_for(rubric)
-        if getattr(self.backend, "kind", "logprob") == "embedding":
+        if hasattr(self.backend, "category_probs"):  # embedding, classifier: no LLM prompt to render
             probs, errors = self.backend.category_probs(rubric, prompt_class, items)
             answers = None
         else:

@@ -123,14 +123,15 @@ class Rubric:
         raise ValueError(f"rubric '{self.id}': no combine rule matches {answers}")
 
 
-GRADER_BACKENDS = ("embedding", "hf", "openai")
+GRADER_BACKENDS = ("classifier", "embedding", "hf", "openai")
 GRADER_MODES = ("auto", "categories", "propositions")
 
 
 def unread_fields(rubric: Rubric, backend: str, mode: str = "auto") -> list[tuple[str, str]]:
     """The rubric keys a grader backend never reads, each with what the backend reads instead.
 
-    ``embedding`` compares replies with the categories' examples (a category's definition stands
+    ``classifier`` decides refusal and harm with its trained adapter and reads only the examples of
+    A and B (to split a refusal); ``embedding`` compares replies with the categories' examples (a category's definition stands
     in only where it has none); ``hf`` and ``openai`` read the instruction and the categories in
     categories mode, and only the propositions and combine rules in propositions mode (``auto``:
     propositions where the rubric has them). Mirrors ``pipeline.rbrm.embedding`` and
@@ -141,6 +142,23 @@ def unread_fields(rubric: Rubric, backend: str, mode: str = "auto") -> list[tupl
     if mode not in GRADER_MODES:
         raise ValueError(f"unknown grader mode {mode!r}; expected one of {', '.join(GRADER_MODES)}")
     out: list[tuple[str, str]] = []
+    if backend == "classifier":
+        reads = ("a trained classifier decides refusal and harm; the rubric only splits a refusal into A or B "
+                 "by the examples of A and B (a definition where one has none)")
+        out.append(("instruction", reads))
+        for label, cat in rubric.categories.items():
+            out.append((f"categories.{label}.name", reads))
+            if label in ("C", "D"):
+                out.append((f"categories.{label}.definition", reads))
+                if cat.examples:
+                    out.append((f"categories.{label}.examples", reads))
+            elif cat.examples:
+                out.append((f"categories.{label}.definition", reads))
+        if rubric.propositions:
+            out.append(("propositions", reads))
+        if rubric.combine:
+            out.append(("combine", reads))
+        return out
     if backend == "embedding":
         reads = "it compares replies with the categories' examples, or a definition where a category has none"
         out.append(("instruction", reads))
