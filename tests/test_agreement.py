@@ -114,7 +114,7 @@ def test_eval_writes_metrics_predictions_and_diagram(tmp_path, capsys, minilm_di
     res = report["result"]
     assert res["rows"] == res["scored"] == 4
     assert res["roc_auc"] == 1.0 and res["accuracy"] == 1.0  # four obvious cases
-    assert report["settings"]["positive"] == ["A", "B"] and report["settings"]["grader"].startswith("embedding")
+    assert report["settings"]["positive"] == ["A", "B"] and report["settings"]["grader"].startswith("classifier")
     preds = [json.loads(line) for line in (out / "predictions.jsonl").read_text().splitlines()]
     assert [p["gold_positive"] for p in preds] == [True, True, False, False]
     assert all(abs(sum(p["probs"].values()) - 1) < 1e-6 for p in preds)

@@ -142,3 +142,20 @@ def test_unread_fields_of_the_classifier_grader():
     assert {"instruction", "categories.C.definition", "categories.D.definition", "categories.A.name"} <= set(unread)
     assert "categories.A.examples" not in unread            # A vs B is split by A's examples
     assert "categories.B.definition" not in unread          # B has none: its definition stands in
+
+
+@pytest.mark.slow
+def test_replies_unlikely_to_refuse_skip_the_style_split_at_a_bounded_cost(shipped):
+    from pipeline.rbrm.classifier import STYLE_MIN_P_REFUSE
+
+    backend, rubric = shipped.backend, shipped.by_class["harmful"]
+    rows = _check_rows()
+    items = [GradeItem(r["response"], r["prompt"], "harmful") for r in rows[:40]]
+    probs, _ = backend.category_probs(rubric, "harmful", items)
+    p_refuse, p_harm = (1 / (1 + np.exp(-backend.question_logits(items)))).T
+    p_a = 1 / (1 + np.exp(-backend.features(rubric, items)["a_vs_b"]))
+    full = np.stack([p_refuse * p_a, p_refuse * (1 - p_a), (1 - p_refuse) * p_harm, (1 - p_refuse) * (1 - p_harm)], -1)
+    assert (p_refuse < STYLE_MIN_P_REFUSE).any() and (p_refuse >= STYLE_MIN_P_REFUSE).any()  # both paths taken
+    np.testing.assert_allclose(probs, full, atol=STYLE_MIN_P_REFUSE / 2)
+    np.testing.assert_allclose(probs[:, 2:], full[:, 2:], atol=1e-9)   # C and D are untouched
+    np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-9)
