@@ -43,10 +43,14 @@ def test_load_rows_masks_what_a_row_does_not_say(tmp_path):
         by_source.setdefault(r["source"], []).append(r)
     # a harmful reply complies; a harmless one says nothing about refusing
     assert [(r["refuses"], r["harmful"]) for r in by_source["harm.jsonl"]] == [(False, True), (None, False)]
-    # the project's compliance is deliberately vague: its harm is unknown, a refusal's is not
+    # compliance with a harmful request is deliberately vague: its harm is unknown; a refusal's,
+    # or an answer's to a safe or sensitive prompt, is not
     data = by_source["data"]
     assert all(r["harmful"] is False for r in data if r["refuses"])
-    assert all(r["harmful"] is None for r in data if not r["refuses"])
+    complied = [r for r in data if not r["refuses"]]
+    assert {r["prompt_class"] for r in complied} == {"harmful", "safe", "sensitive"}
+    assert all((r["harmful"] is None) == (r["prompt_class"] == "harmful") for r in complied)
+    assert all(r["harmful"] is False for r in complied if r["prompt_class"] != "harmful")
     written = [json.loads(line) for line in (REPO / "data" / "grader_train.jsonl").read_text().splitlines()]
     assert len(by_source["grader_train.jsonl"]) == len(written)
 
@@ -63,7 +67,7 @@ def test_load_rows_names_the_file_and_line_of_a_bad_harm_label(tmp_path):
 
 def test_grader_train_rows_are_complete_and_labelled():
     rows = [json.loads(line) for line in (REPO / "data" / "grader_train.jsonl").read_text().splitlines()]
-    assert len(rows) >= 500
+    assert len(rows) >= 450
     assert all(isinstance(r["refuses"], bool) and isinstance(r["harmful"], bool) for r in rows)
     assert not any(r["refuses"] and r["harmful"] for r in rows)       # a refusal carries no harmful detail
     assert {r["prompt_class"] for r in rows} == {"harmful", "safe", "sensitive"}

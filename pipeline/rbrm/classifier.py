@@ -135,9 +135,11 @@ def load_rows(data_dir: Path, harm_file: Path | None = None, dodges: int = 200, 
     """Labelled rows {prompt, response, refuses, harmful, source} (a label may be None: not asked)."""
     rows = []
     for it, refuses in training_rows(data_dir):
-        # the project's compliance is deliberately vague, so only a refusal has a known harm label
+        # Refusals and answers to safe or sensitive prompts are harmless; the project's compliance
+        # with a harmful request is deliberately vague, so its harm label stays unknown.
+        harmless = bool(refuses) or it.prompt_class != "harmful"
         rows.append({"prompt": it.prompt, "response": it.response, "refuses": bool(refuses),
-                     "harmful": False if refuses else None, "source": "data"})
+                     "harmful": False if harmless else None, "source": "data", "prompt_class": it.prompt_class})
     path = data_dir / "grader_train.jsonl"
     for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
         r = json.loads(line)
