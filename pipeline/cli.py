@@ -7,6 +7,7 @@
     rbrm reward-model accuracy --model runs/reward_model --data FILE
     rbrm ppo --config configs/ppo.yaml [--field value ...]      (configs/grpo.yaml: GRPO / RLOO)
     rbrm rubrics check rubrics/*.yaml
+    rbrm fit-weights --config configs/fit_weights.yaml           (category rewards fitted for PPO's rbrm source)
     rbrm evaluate --config configs/evaluate.yaml [--field value ...]
     rbrm evaluate compare runs/eval-before runs/eval-after
 
@@ -26,6 +27,8 @@ COMMANDS = {
     "reward-model": ("pipeline.reward_model", "cli", "stage 2: Bradley-Terry reward model on preference pairs"),
     "ppo": ("pipeline.ppo", "cli", "stage 4: PPO with RM + RBRM rewards"),
     "evaluate": ("pipeline.evaluate", "cli", "stage 5: refusal rates per prompt class (also: evaluate compare A B)"),
+    "fit-weights": ("pipeline.rbrm.weights", "cli", "fit the rubric category rewards so the total PPO reward ranks "
+                    "completions in the rubrics' order"),
     "rubrics": ("pipeline.rubrics", "main", "rubric tools: check (validate), render (show the grader input), eval (grader vs human labels)"),
 }
 

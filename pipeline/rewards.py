@@ -120,10 +120,12 @@ class RBRMSource(RewardSource):
     batch's grades (category, probs, error) for logging.
     """
 
-    def __init__(self, grader, classes_in_use: Sequence[str], name: str = "rbrm", progress: bool = False):
+    def __init__(self, grader, classes_in_use: Sequence[str], name: str = "rbrm", progress: bool = False,
+                 table: Mapping[str, Mapping[str, float]] | None = None):
         self.grader = grader  # pipeline.rbrm.grader.Grader
         self.name = name
         self.progress = progress
+        self.table = table  # class -> category -> reward, replacing the rubrics' tables (rbrm fit-weights)
         self.classes = list(dict.fromkeys(classes_in_use))
         if not self.classes:
             raise ValueError(f"reward source '{name}': classes_in_use is empty; expected some of "
@@ -136,6 +138,8 @@ class RBRMSource(RewardSource):
                 grader.rubric_for(cls)
             except RubricError as e:
                 raise RubricError([f"reward source '{name}': {p}" for p in e.problems]) from None
+            if table is not None and cls not in table:
+                raise ValueError(f"reward source '{name}': category_rewards has no row for prompt class '{cls}'")
         self.last_grades: list = []
 
     def __call__(self, prompts, responses, prompt_classes=None) -> np.ndarray:
@@ -150,6 +154,10 @@ class RBRMSource(RewardSource):
         items = [GradeItem(response=r, prompt=prompt_text(p), prompt_class=c)
                  for p, r, c in zip(prompts, responses, prompt_classes)]
         self.last_grades = self.grader.grade(items, progress=self.progress)
+        if self.table is not None:
+            for g in self.last_grades:
+                if g.scored:
+                    g.reward = float(sum(p * self.table[g.prompt_class][c] for c, p in g.probs.items()))
         return np.array([g.reward if g.scored else math.nan for g in self.last_grades], dtype=np.float64)
 
     def metrics(self) -> dict[str, float]:
@@ -253,6 +261,9 @@ class RewardComposer:
             :class:`pipeline.ppo.math.RunningMoments`). Missing names are ``"none"``. Only
             finite values enter the statistics; the standard deviation is the population one.
         clip: if set, the total is clipped to ``[-clip, clip]``.
+        class_weights: source name -> {prompt class: multiplier of that source's weight for
+            samples of the class}; classes not named keep the plain weight (``rbrm fit-weights``
+            fits them).
 
     Under several processes each composer scores only its own batch. Set ``gather`` to a
     function that concatenates an ``(N,)`` array from every process (the PPO loop sets it
@@ -261,7 +272,8 @@ class RewardComposer:
     """
 
     def __init__(self, sources: Sequence[RewardSource], weights: Mapping[str, float] | Sequence[float] | None = None,
-                 normalise: Mapping[str, str] | None = None, clip: float | None = None):
+                 normalise: Mapping[str, str] | None = None, clip: float | None = None,
+                 class_weights: Mapping[str, Mapping[str, float]] | None = None):
         self.sources = list(sources)
         if not self.sources:
             raise ValueError("RewardComposer: expected at least one reward source")
@@ -290,6 +302,13 @@ class RewardComposer:
             if mode not in NORMALISE_MODES:
                 raise ValueError(f"RewardComposer: normalise for source '{n}': expected one of "
                                  f"{', '.join(NORMALISE_MODES)}, got {mode!r}")
+        self.class_weights = {n: dict(m) for n, m in (class_weights or {}).items() if m}
+        self._check_names(self.class_weights, "class_weights")
+        for n, m in self.class_weights.items():
+            bad = {k: v for k, v in m.items() if k not in PROMPT_CLASSES or not math.isfinite(float(v))}
+            if bad:
+                raise ValueError(f"RewardComposer: class_weights of source '{n}': expected finite multipliers for "
+                                 f"prompt classes among {', '.join(PROMPT_CLASSES)}, got {bad}")
         if clip is not None and not clip > 0:
             raise ValueError(f"RewardComposer: clip must be positive (or None), got {clip}")
         self.clip = clip
@@ -315,6 +334,9 @@ class RewardComposer:
             raise ValueError(f"RewardComposer: {len(prompts)} prompts but {n} responses")
         if prompt_classes is not None and len(prompt_classes) != n:
             raise ValueError(f"RewardComposer: {len(prompt_classes)} prompt classes but {n} responses")
+        if self.class_weights and prompt_classes is None:
+            raise ValueError(f"RewardComposer: class_weights ({', '.join(self.class_weights)}) need a prompt class "
+                             f"for every sample, got none")
         total = np.zeros(n)                 # (N,)
         applied = np.zeros(n, dtype=bool)   # (N,) some source gave a finite value
         info = RewardInfo({}, {}, {}, {}, {}, {}, total, np.zeros(n, dtype=bool), {})
@@ -325,7 +347,10 @@ class RewardComposer:
             normalised = np.full(n, math.nan)
             pool = raw if self.gather is None else np.asarray(self.gather(raw), dtype=np.float64)
             normalised[finite] = self._normalise(name, raw[finite], pool[np.isfinite(pool)], update_stats)
-            weighted = self.weights[name] * np.where(finite, normalised, 0.0)
+            weight = self.weights[name]
+            if name in self.class_weights:  # (N,) the source's weight times its class's multiplier
+                weight = weight * np.array([self.class_weights[name].get(c, 1.0) for c in prompt_classes])
+            weighted = weight * np.where(finite, normalised, 0.0)
             total += weighted
             applied |= finite
             info.raw[name], info.normalised[name], info.weighted[name] = raw, normalised, weighted
@@ -413,9 +438,18 @@ class SourceSpec:
     type: str = field("", help="the source type (see the list below); empty = the entry's name")
     weight: float = field(1.0, help="multiplies this source's (normalised) value in the total")
     normalise: str = field("none", help="none | batch | running")
+    class_weights: Any = field({}, help="prompt class -> multiplier of weight for that class's samples, or a file "
+                                        "written by `rbrm fit-weights` (its class_weights for this source's name)")
 
     def check(self, where: str) -> None:
         """Raise ConfigError, naming ``where`` and the key, for settings out of range."""
+
+    def read_class_weights(self, name: str, where: str) -> None:
+        """``class_weights`` (a mapping, or a fitted file's entry for ``name``) -> ``class_multipliers``."""
+        from pipeline.rbrm.weights import load_class_weights
+
+        self.class_multipliers = load_class_weights(self.class_weights, name, f"{where}.class_weights") \
+            if self.class_weights else {}
 
     def build(self, name: str) -> RewardSource:
         raise NotImplementedError
@@ -447,18 +481,22 @@ class RBRMSourceSpec(SourceSpec):
 
     grader: Any = field({}, help="the grader's settings (GraderConfig keys, listed below)")
     classes: list[str] = field(list(PROMPT_CLASSES), help="prompt classes in the data; each needs a rubric")
+    category_rewards: Any = field("", help="a file written by `rbrm fit-weights` (or a mapping class -> {A, B, C, "
+                                           "D}) whose rewards replace the rubrics' tables; empty = the rubrics'")
 
     def check(self, where: str) -> None:
         if not isinstance(self.grader, Mapping):
             raise ConfigError(f"{where}: key 'grader': expected a mapping of GraderConfig keys, got {self.grader!r}")
         from pipeline.rbrm.grader import GraderConfig
+        from pipeline.rbrm.weights import load_table
 
         self.grader = config_lib.from_dict(GraderConfig, dict(self.grader), f"{where}.grader")
+        self.table = load_table(self.category_rewards, f"{where}.category_rewards") if self.category_rewards else None
 
     def build(self, name: str) -> RewardSource:
         from pipeline.rbrm.grader import Grader
 
-        return RBRMSource(Grader.from_config(self.grader), self.classes, name=name)
+        return RBRMSource(Grader.from_config(self.grader), self.classes, name=name, table=getattr(self, "table", None))
 
 
 @register_source("length")
@@ -508,7 +546,15 @@ def _parse_spec(name: str, entry: Any, where: str) -> SourceSpec:
         raise ConfigError(f"{where}: key 'normalise': expected one of {', '.join(NORMALISE_MODES)}, "
                           f"got '{spec.normalise}'")
     spec.check(where)
+    spec.read_class_weights(name, where)
     return spec
+
+
+def parse_reward_specs(config: Mapping[str, Mapping[str, Any]], where: str = "rewards") -> dict[str, SourceSpec]:
+    """``{source name: checked settings}`` for a rewards mapping, without building any source."""
+    if not isinstance(config, Mapping) or not config:
+        raise ConfigError(f"{where}: expected a non-empty mapping of reward sources, got {config!r}")
+    return {str(name): _parse_spec(str(name), entry, where) for name, entry in config.items()}
 
 
 def build_reward_composer(config: Mapping[str, Mapping[str, Any]], clip: float | None = None,
@@ -523,12 +569,11 @@ def build_reward_composer(config: Mapping[str, Mapping[str, Any]], clip: float |
     The type is the entry's name unless it sets ``type``. Every entry is checked (unknown
     keys and types are errors naming ``where``, the entry and the key) before any model loads.
     """
-    if not isinstance(config, Mapping) or not config:
-        raise ConfigError(f"{where}: expected a non-empty mapping of reward sources, got {config!r}")
-    specs = {name: _parse_spec(str(name), entry, where) for name, entry in config.items()}
+    specs = parse_reward_specs(config, where)
     sources = [spec.build(name) for name, spec in specs.items()]
     return RewardComposer(sources, weights={n: s.weight for n, s in specs.items()},
-                          normalise={n: s.normalise for n, s in specs.items()}, clip=clip)
+                          normalise={n: s.normalise for n, s in specs.items()}, clip=clip,
+                          class_weights={n: s.class_multipliers for n, s in specs.items() if s.class_multipliers})
 
 
 def sources_help() -> str:

@@ -80,6 +80,22 @@ def test_grader_train_rows_are_complete_and_labelled():
         assert styles.get(style, 0) >= 20, style
 
 
+@pytest.mark.skipif(not (SHARED_DATA / "beavertails_response_train.jsonl").exists(), reason="../shared/data absent")
+def test_the_shipped_adapter_was_fitted_on_what_load_rows_gives_today():
+    # a change to data/ or to the labelling in load_rows needs a refit: the counts must match
+    from pipeline.rbrm.classifier import ADAPTER_DIR, load_rows
+
+    info = json.loads((ADAPTER_DIR / "training.json").read_text())
+    rows = load_rows(REPO / "data", SHARED_DATA / "beavertails_response_train.jsonl")
+    counts = {}
+    for r in rows:
+        counts[r["source"]] = counts.get(r["source"], 0) + 1
+    assert info["sources"] == counts
+    assert info["rows"] == len(rows)
+    assert info["harm_labels"] == sum(r["harmful"] is not None for r in rows)
+    assert info["refusal_labels"] == sum(r["refuses"] is not None for r in rows)
+
+
 @pytest.mark.slow
 def test_a_small_fit_learns_and_the_backend_reads_what_it_wrote(tmp_path, minilm_dir, one_thread):
     from pipeline.rbrm.classifier import ClassifierBackend, fit
