@@ -109,7 +109,7 @@ def test_load_table_checks_and_names_what_is_wrong(tmp_path):
         load_table(str(tmp_path / "missing.yaml"))
     bad = tmp_path / "w.yaml"
     bad.write_text("hand: {}\n")
-    with pytest.raises(ConfigError, match=r"w\.yaml: expected a key 'category_rewards'"):
+    with pytest.raises(ConfigError, match=r"w\.yaml: expected a key 'category_rewards'; found hand"):
         load_table(str(bad))
 
 
@@ -143,7 +143,7 @@ def test_a_ppo_rewards_block_reads_a_fitted_file_and_names_a_bad_one(tmp_path):
     specs = parse_reward_specs({"rbrm": {"grader": {"backend": "embedding"}, "category_rewards": str(path)}})
     assert specs["rbrm"].table == {"harmful": {"A": 2.0, "B": 1.0, "C": -2.0, "D": 0.0}}
     path.write_text("category_rewards:\n  harmful: {A: 2, B: one, C: -2, D: 0}\n")
-    with pytest.raises(ConfigError, match=r"weights\.yaml\.harmful: expected numbers"):
+    with pytest.raises(ConfigError, match=r"weights\.yaml: category_rewards\.harmful: expected numbers"):
         parse_reward_specs({"rbrm": {"grader": {"backend": "embedding"}, "category_rewards": str(path)}})
 
 
@@ -195,7 +195,7 @@ def test_class_weights_come_from_a_mapping_or_a_fitted_file(tmp_path):
                                 "length": {"max_chars": 10, "class_weights": {"safe": 2}}})
     assert specs["rm"].class_multipliers == {"harmful": 0.1, "safe": 1.2}
     assert specs["length"].class_multipliers == {"safe": 2.0}
-    with pytest.raises(ConfigError, match=r"w\.yaml: class_weights\.rbrm: not found; the file has class weights for rm"):
+    with pytest.raises(ConfigError, match=r"w\.yaml: expected a key 'class_weights\.rbrm'; found rm"):
         load_class_weights(str(path), "rbrm")
     with pytest.raises(ConfigError, match=r"rewards\.rm\.class_weights\.harmful: expected a number"):
         parse_reward_specs({"rm": {"class_weights": {"harmful": "lots"}}})

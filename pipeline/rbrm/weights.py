@@ -225,18 +225,25 @@ class FitWeightsConfig:
             raise ConfigError(f"key 'l2': expected >= 0, got {self.l2}")
 
 
+def _fitted_entry(path: str | Path, keys: Sequence[str], where: str) -> tuple[Any, str]:
+    """The entry at ``keys`` of a file written by ``rbrm fit-weights``, and where it was read."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{where}: file {path} not found; `rbrm fit-weights` writes one")
+    node: Any = config_lib.load_yaml(path)
+    for n, key in enumerate(keys):
+        if not isinstance(node, Mapping) or key not in node:
+            found = ", ".join(map(str, node)) if isinstance(node, Mapping) and node else "nothing"
+            raise ConfigError(f"{path}: expected a key '{'.'.join(keys[:n + 1])}'; found {found}")
+        node = node[key]
+    return node, f"{path}: {'.'.join(keys)}"
+
+
 def load_table(source: Any, where: str = "category_rewards") -> dict[str, dict[str, float]]:
     """A category-reward table from a mapping or from a file written by ``rbrm fit-weights``;
     checked: known prompt classes, all four categories, finite numbers."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{where}: file {path} not found; `rbrm fit-weights` writes one")
-        data = config_lib.load_yaml(path)
-        where = f"{path}"
-        source = data.get("category_rewards") if isinstance(data, dict) else None
-        if source is None:
-            raise ConfigError(f"{where}: expected a key 'category_rewards'")
+        source, where = _fitted_entry(source, ("category_rewards",), where)
     if not isinstance(source, Mapping):
         raise ConfigError(f"{where}: expected a mapping prompt class -> {{A, B, C, D}} rewards, got {source!r:.80}")
     table = {}
@@ -259,15 +266,7 @@ def load_class_weights(source: Any, name: str, where: str = "class_weights") -> 
     """Per-class multipliers of a reward source's weight, from a mapping or from the
     ``class_weights.<name>`` entry of a file written by ``rbrm fit-weights``; checked."""
     if isinstance(source, (str, Path)):
-        path = Path(source)
-        if not path.is_file():
-            raise ConfigError(f"{where}: file {path} not found; `rbrm fit-weights` writes one")
-        data = config_lib.load_yaml(path)
-        where = f"{path}: class_weights.{name}"
-        source = (data.get("class_weights") or {}).get(name) if isinstance(data, dict) else None
-        if source is None:
-            raise ConfigError(f"{where}: not found; the file has class weights for "
-                              f"{', '.join((data.get('class_weights') or {})) or 'no source'}")
+        source, where = _fitted_entry(source, ("class_weights", name), where)
     if not isinstance(source, Mapping):
         raise ConfigError(f"{where}: expected a mapping prompt class -> multiplier, got {source!r:.80}")
     out = {}
