@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> None:
     p_check = sub.add_parser("check", help="validate rubric files (or folders of them)")
     p_check.add_argument("paths", nargs="+")
     p_check.add_argument("--backend", default="classifier", choices=GRADER_BACKENDS,
-                         help="warn about rubric keys this grader backend does not read (default: embedding)")
+                         help="warn about rubric keys this grader backend does not read (default: classifier)")
     p_check.add_argument("--mode", default="auto", choices=GRADER_MODES,
                          help="hf/openai: categories or propositions (auto: propositions where the rubric has them)")
     p_render = sub.add_parser("render", help="print the grader input for one (prompt, response)")

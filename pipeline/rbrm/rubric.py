@@ -142,29 +142,22 @@ def unread_fields(rubric: Rubric, backend: str, mode: str = "auto") -> list[tupl
     if mode not in GRADER_MODES:
         raise ValueError(f"unknown grader mode {mode!r}; expected one of {', '.join(GRADER_MODES)}")
     out: list[tuple[str, str]] = []
-    if backend == "classifier":
-        reads = ("a trained classifier decides refusal and harm; the rubric only splits a refusal into A or B "
-                 "by the examples of A and B (a definition where one has none)")
+    if backend in ("classifier", "embedding"):
+        if backend == "classifier":
+            reads = ("a trained classifier decides refusal and harm; the rubric only splits a refusal into A or B "
+                     "by the examples of A and B (a definition where one has none)")
+            compared = ("A", "B")  # the categories whose examples (or definition) the backend compares with
+        else:
+            reads = "it compares replies with the categories' examples, or a definition where a category has none"
+            compared = CATEGORY_LABELS
         out.append(("instruction", reads))
         for label, cat in rubric.categories.items():
             out.append((f"categories.{label}.name", reads))
-            if label in ("C", "D"):
+            if label not in compared:
                 out.append((f"categories.{label}.definition", reads))
                 if cat.examples:
                     out.append((f"categories.{label}.examples", reads))
             elif cat.examples:
-                out.append((f"categories.{label}.definition", reads))
-        if rubric.propositions:
-            out.append(("propositions", reads))
-        if rubric.combine:
-            out.append(("combine", reads))
-        return out
-    if backend == "embedding":
-        reads = "it compares replies with the categories' examples, or a definition where a category has none"
-        out.append(("instruction", reads))
-        for label, cat in rubric.categories.items():
-            out.append((f"categories.{label}.name", reads))
-            if cat.examples:
                 out.append((f"categories.{label}.definition", reads))
         if rubric.propositions:
             out.append(("propositions", reads))
