@@ -158,9 +158,10 @@ def test_fit_weights_command_writes_a_table_ppo_reads(tmp_path, minilm_dir):
         lines = (src / name).read_text().splitlines()
         (data / name).write_text("\n".join(lines[::max(1, len(lines) // keep)]) + "\n")
     ppo = tmp_path / "ppo.yaml"
-    ppo.write_text(f"rewards:\n  rbrm:\n    weight: 1.0\n    grader: {{backend: classifier, model: {minilm_dir}, "
-                   f"rubrics: [{REPO / 'rubrics'}]}}\n")
     out = tmp_path / "w.yaml"
+    # the PPO config already points at the file this run writes
+    ppo.write_text(f"rewards:\n  rbrm:\n    weight: 1.0\n    category_rewards: {out}\n"
+                   f"    grader: {{backend: classifier, model: {minilm_dir}, rubrics: [{REPO / 'rubrics'}]}}\n")
     payload = main(FitWeightsConfig(ppo_config=str(ppo), data_dir=str(data), output=str(out), steps=50))
     table = load_table(str(out))
     assert set(table) == {"harmful", "safe", "sensitive"} and table == payload["category_rewards"]

@@ -296,7 +296,11 @@ def main(cfg: FitWeightsConfig) -> dict:
     cfg.validate()
     t0 = time.time()
     ppo = config_lib.from_dict(PPOConfig, config_lib.load_yaml(cfg.ppo_config), cfg.ppo_config)
-    specs = parse_reward_specs(ppo.rewards, f"{cfg.ppo_config}: rewards")
+    # the fit starts from the rubrics' tables and plain weights; the PPO config may already point
+    # at the file this run writes, which need not exist yet
+    plain = {name: {k: v for k, v in entry.items() if k not in ("category_rewards", "class_weights")}
+             if isinstance(entry, Mapping) else entry for name, entry in ppo.rewards.items()}
+    specs = parse_reward_specs(plain, f"{cfg.ppo_config}: rewards")
     rbrm = [s for s in specs.values() if isinstance(s, RBRMSourceSpec)]
     rm_names = [n for n, s in specs.items() if isinstance(s, RMSourceSpec)]
     rm = [specs[n] for n in rm_names]
