@@ -10,7 +10,10 @@ of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
   update         ``pipeline.ppo.step.ppo_update`` over that rollout (``--ppo-epochs`` passes of
                  mini-batches of ``--mini-batch-size``)
   floor          the same passes and mini-batches as plain training: one forward of the causal
-                 LM over prompt + response, a mean log-prob loss, backward, AdamW step
+                 LM over prompt + response, a mean log-prob loss, backward, AdamW step (fused,
+                 as the trainer's)
+  update_foreach_adamw  ``ppo_update`` with torch's default AdamW, the optimizer the loop used
+                 before it was fused
 
 It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
 time (goal <= 1.3x). ``--bf16 auto`` (the default) autocasts every part to bf16 where the
@@ -66,7 +69,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.data import read_rows
     from pipeline.models import encode_user_turns, load_causal_lm, load_tokenizer, resolve_model
     from pipeline.ppo import PPOConfig
-    from pipeline.ppo.policy import build_policy
+    from pipeline.ppo.policy import build_optimizer, build_policy
     from pipeline.ppo.rollout import rollout
     from pipeline.ppo.step import ppo_update
     from pipeline.training import use_bf16
@@ -90,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict:
     prompts = [r["prompt"] for r in rows[:args.batch_size]]
     classes = [r["prompt_class"] for r in rows[:args.batch_size]]
     accelerator = Accelerator(cpu=device == "cpu")
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-7)
+    optimizer = build_optimizer(policy, 1e-7)                # as the trainer builds it (fused AdamW)
+    foreach_optimizer = build_optimizer(policy, 1e-7, fused=False)  # torch's default AdamW, the loop's before
     torch.manual_seed(args.seed)
 
     def plain_generate():
@@ -114,8 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     returns = torch.randn_like(mask) * mask
     generator = torch.Generator().manual_seed(args.seed)
 
-    def our_update():
-        return ppo_update(policy, optimizer, accelerator, ro, mask, advantages, returns, cfg, generator, amp)
+    def our_update(opt=optimizer):
+        return ppo_update(policy, opt, accelerator, ro, mask, advantages, returns, cfg, generator, amp)
 
     def floor_update():
         n = mask.shape[0]
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
                 optimizer.zero_grad()
 
     update_s, _ = timed(our_update, args.repeats)
+    foreach_s, _ = timed(lambda: our_update(foreach_optimizer), args.repeats)
     floor_s, _ = timed(floor_update, args.repeats)
     result = {
         "device": device, "threads": torch.get_num_threads(), "bf16": bf16, "model": str(path),
@@ -140,10 +145,12 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": int(ro.query_mask.sum()), "prompt_columns": int(ro.query_ids.shape[1]),
         "generate": {"seconds": gen_s, "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen_s},
         "rollout": {"seconds": roll_s, "tokens": roll_tokens, "tokens_per_s": roll_tokens / roll_s},
-        "update": {"seconds": update_s}, "floor": {"seconds": floor_s},
+        "update": {"seconds": update_s}, "update_foreach_adamw": {"seconds": foreach_s}, "floor": {"seconds": floor_s},
     }
     result["rollout_vs_generate"] = result["rollout"]["tokens_per_s"] / result["generate"]["tokens_per_s"]
     result["update_vs_floor"] = update_s / floor_s
+    result["update_vs_foreach_adamw"] = update_s / foreach_s
+    result["rollout_update_vs_before"] = (roll_s + update_s) / (roll_s + foreach_s)
     print(f"device {device}, {result['threads']} thread(s), {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, mini-batch "
           f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens")
     print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
@@ -151,6 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
           f"ratio {result['rollout_vs_generate']:.2f} (goal >= 0.90)")
     print(f"update   {update_s:6.2f} s   floor (plain forward+backward+AdamW) {floor_s:6.2f} s   "
           f"ratio {result['update_vs_floor']:.2f}x (goal <= 1.30x)")
+    print(f"update with torch's default (foreach) AdamW {foreach_s:6.2f} s: the fused optimizer takes "
+          f"{result['update_vs_foreach_adamw']:.2f}x the time; rollout + update {result['rollout_update_vs_before']:.2f}x")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n", encoding="utf-8")

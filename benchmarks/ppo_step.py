@@ -299,7 +299,7 @@ def run_worker(python: Path, side: str, spec: dict, tmp: Path) -> dict:
 
 
 def settings_rows(s: dict, trl_optimizer: str | None) -> list[tuple[str, str, str]]:
-    ours_opt = "torch.optim.AdamW (default impl)"
+    ours_opt = "AdamW(fused=True) (pipeline.ppo.policy.build_optimizer)"
     return [
         ("policy", s["policy"], "same"),
         ("reward model", s["rm"] + ("" if s["rm_trained"] else " (random head: timing only)"), "same"),

@@ -446,3 +446,27 @@ def test_class_scale_divides_each_class_by_its_own_moving_spread_then_weights_it
     restored = ClassScale(["harmful", "safe"], decay=0.5)
     restored.load_state_dict(scale.state_dict())
     assert restored.std("harmful") == pytest.approx(math.sqrt(0.015))
+
+
+def test_refusal_hold_grows_below_target_shrinks_above_and_stays_within_bounds():
+    from pipeline.ppo.math import RefusalHold
+
+    hold = RefusalHold({"harmful": 0.9}, rate=2.0, max_weight=5.0)
+    assert hold.weights == {"harmful": 1.0}
+    hold.update({"harmful": 1.0}, {"harmful": 3.0})                  # 1 of 3 refused: shortfall 0.9 - 1/3
+    assert hold.weights["harmful"] == pytest.approx(math.exp(2.0 * (0.9 - 1 / 3)))
+    assert hold.share == {"harmful": pytest.approx(1 / 3)}
+    hold.update({}, {"safe": 4.0})                                   # no harmful rollout: unchanged
+    assert hold.weights["harmful"] == pytest.approx(math.exp(2.0 * (0.9 - 1 / 3)))
+    hold.update({"harmful": 3.0}, {"harmful": 3.0})                  # all refused: back by 2 * 0.1
+    assert hold.weights["harmful"] == pytest.approx(math.exp(2.0 * (0.9 - 1 / 3) - 0.2))
+    for _ in range(10):
+        hold.update({"harmful": 0.0}, {"harmful": 3.0})
+    assert hold.weights["harmful"] == pytest.approx(5.0)             # capped at max_weight
+    for _ in range(100):
+        hold.update({"harmful": 3.0}, {"harmful": 3.0})
+    assert hold.weights["harmful"] == pytest.approx(1.0)             # never below 1
+    again = RefusalHold({"harmful": 0.9}, rate=2.0, max_weight=5.0)
+    hold.update({"harmful": 0.0}, {"harmful": 2.0})
+    again.load_state_dict(hold.state_dict())
+    assert again.weights == pytest.approx(hold.weights)

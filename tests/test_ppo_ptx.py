@@ -122,3 +122,20 @@ def test_ptx_needs_demonstrations_and_names_a_bad_file_before_loading_models(tmp
     bad.write_text('{"messages": [{"role": "user", "content": "hi"}]}\n', encoding="utf-8")
     with pytest.raises(DataError, match="bad.jsonl"):
         ppo.main(_cfg(tmp_path, tiny_model_dir, ptx_coef=0.5, ptx_data=str(bad)))
+
+
+def test_ptx_classes_keeps_only_the_listed_classes_demonstrations(tmp_path, tiny_model_dir):
+    from pipeline.ppo.trainer import ptx_conversations
+
+    classes = ["harmful", "safe", "harmful", "sensitive"]
+    path = str(write_jsonl(tmp_path / "d.jsonl", [{**d, "prompt_class": c} for d, c in zip(DEMOS, classes)]))
+    kept = ptx_conversations(_cfg(tmp_path, tiny_model_dir, ptx_coef=1.0, ptx_data=path, ptx_classes=["harmful"]))
+    assert [m[-1]["content"] for m in kept] == [LAST_TURNS[0], LAST_TURNS[2]]
+    every = ptx_conversations(_cfg(tmp_path, tiny_model_dir, ptx_coef=1.0, ptx_data=path))
+    assert [m[-1]["content"] for m in every] == LAST_TURNS
+    with pytest.raises(DataError, match="'unsafe'.*harmful, safe, sensitive"):
+        ptx_conversations(_cfg(tmp_path, tiny_model_dir, ptx_coef=1.0, ptx_data=path, ptx_classes=["unsafe"]))
+    unlabelled = str(write_jsonl(tmp_path / "u.jsonl", DEMOS))
+    with pytest.raises(DataError, match=r"u.jsonl:1\b.*prompt_class"):
+        ptx_conversations(_cfg(tmp_path, tiny_model_dir, ptx_coef=1.0, ptx_data=unlabelled, ptx_classes=["harmful"]))
+

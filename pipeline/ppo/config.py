@@ -151,6 +151,12 @@ class PPOConfig(PolicyTrainingConfig):
                                           "rubric's reward range (pipeline.ppo.math.ClassScale)")
     class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
                                                      "(after class_scale when on); a class left out weighs 1")
+    hold_refusal: dict[str, float] = field({}, help="class -> share of its rollouts that should refuse (string match), "
+                                                    "e.g. harmful=0.9: below it the class's weight grows, a Lagrange "
+                                                    "multiplier (pipeline.ppo.math.RefusalHold), and shrinks back to 1 "
+                                                    "above it; empty = off")
+    hold_rate: float = field(2.0, help="hold_refusal: the multiplier's step in log space per unit of shortfall")
+    hold_max_weight: float = field(5.0, help="hold_refusal: the largest the multiplier grows")
     whiten_advantages: bool = field(True, help="whiten advantages over each step's real tokens")
     critic: str = field("value_head", help="value function: value_head (a linear head on the policy's last hidden state)")
     logging_steps: int = field(1, help="send metrics to the trackers every N steps")
@@ -171,6 +177,9 @@ class PPOConfig(PolicyTrainingConfig):
     ptx_coef: float = field(0.0, help="weight of the demonstrations' negative log-likelihood added to each update "
                                       "(PPO-ptx): holds what SFT taught where rollouts carry no signal; 0 = off")
     ptx_data: str = field("", help="ptx_coef > 0: the SFT demonstrations (same formats as rbrm sft's data)")
+    ptx_classes: list[str] = field([], help="ptx: only the demonstrations whose prompt_class is listed, e.g. [harmful]: "
+                                            "an anchor on the refusals that rollouts stop rewarding once every "
+                                            "reply refuses; empty = every demonstration")
     ptx_batch_size: int = field(4, help="demonstrations per update mini-batch, per process")
     ptx_max_length: int = field(128, help="demonstration replies keep their first this many tokens")
 
@@ -199,6 +208,13 @@ class PPOConfig(PolicyTrainingConfig):
             bad = {k: v for k, v in getattr(self, name).items() if not (v >= 0 and math.isfinite(v))}
             if bad:
                 raise ConfigError(f"key '{name}': expected shares/weights >= 0, got {bad}")
+        bad = {k: v for k, v in self.hold_refusal.items() if not 0 <= v <= 1}
+        if bad:
+            raise ConfigError(f"key 'hold_refusal': expected shares in [0, 1], got {bad}")
+        if not (self.hold_rate > 0 and math.isfinite(self.hold_rate)):
+            raise ConfigError(f"key 'hold_rate': expected a positive number, got {self.hold_rate}")
+        if not (self.hold_max_weight >= 1 and math.isfinite(self.hold_max_weight)):
+            raise ConfigError(f"key 'hold_max_weight': expected a number >= 1, got {self.hold_max_weight}")
         if self.class_mix and not sum(self.class_mix.values()) > 0:
             raise ConfigError(f"key 'class_mix': at least one class needs a share above 0, got {self.class_mix}")
         if not 0 <= self.max_over_refusal <= 1:

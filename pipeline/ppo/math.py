@@ -606,6 +606,51 @@ class ClassScale:
         self.var = {str(k): float(v) for k, v in state["var"].items()}
 
 
+class RefusalHold:
+    """A Lagrange multiplier per prompt class that holds the share of its rollouts that refuse.
+
+    With ``targets`` ``{"harmful": 0.9}``: after each step's rollout, the class's multiplier
+    ``lam_c`` (the factor on its weight in :class:`ClassScale`) moves in log space by the
+    shortfall of its refusal share::
+
+        log lam_c <- clip(log lam_c + rate * (target_c - share_c), 0, log max_weight)
+
+    so it grows while the class refuses less than asked and shrinks back to 1 once it refuses
+    more. Why: a 135M policy moves one refusal threshold for every class, and a class that already
+    refuses nearly always gives PPO almost no gradient, so the safe prompts' "answer more" pulls
+    the threshold down until harmful refusals are lost (every run of the demo config slid so).
+    Held this way, PPO may only lower safe refusals as far as it learns to tell the classes apart.
+    The constrained-optimisation reading is Safe RLHF's (Dai et al. 2023), with the refusal share
+    as the constraint instead of a cost model.
+    """
+
+    def __init__(self, targets: dict[str, float], rate: float, max_weight: float):
+        self.targets = dict(targets)
+        self.rate = float(rate)
+        self.max_log = math.log(max_weight)
+        self.log_lam: dict[str, float] = {c: 0.0 for c in self.targets}
+        self.share: dict[str, float] = {}
+
+    def update(self, refused: dict[str, float], seen: dict[str, float]) -> None:
+        """``refused[c]`` of ``seen[c]`` rollouts of class ``c`` refused this step (a class not seen
+        keeps its multiplier)."""
+        for c, target in self.targets.items():
+            if seen.get(c, 0) > 0:
+                self.share[c] = refused.get(c, 0.0) / seen[c]
+                step = self.log_lam[c] + self.rate * (target - self.share[c])
+                self.log_lam[c] = min(max(step, 0.0), self.max_log)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        return {c: math.exp(v) for c, v in self.log_lam.items()}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"log_lam": dict(self.log_lam)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.log_lam.update({str(k): float(v) for k, v in state["log_lam"].items()})
+
+
 def leave_one_out_centre(score: torch.Tensor, scored: torch.Tensor, group_size: int) -> torch.Tensor:
     """Centre each score on the mean score of the other responses to the same prompt.
 

@@ -54,6 +54,16 @@ def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Op
     return policy, ref_lm
 
 
+def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Optimizer:
+    """AdamW over the policy's trainable weights.
+
+    ``fused``: one kernel over every tensor. On 2 CPU cores torch's default (foreach) AdamW step
+    over SmolLM2-135M's weights took 0.63 s and the fused one 0.07 s; a PPO step takes four
+    (transformers' Trainer, which SFT and the reward model use, is fused by default too)."""
+    return torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay,
+                             fused=fused)
+
+
 def _positions(attention_mask: torch.Tensor) -> torch.Tensor:
     """(B, L) position ids that skip left padding, as ``generate`` numbers them."""
     return (attention_mask.long().cumsum(1) - 1).clamp(min=0)

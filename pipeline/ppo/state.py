@@ -29,6 +29,7 @@ class TrainerState:
     composer: Any                                 # the reward composer: its normalisation statistics
     baseline: Optional[ppo_math.ClassBaseline]    # per-class moving averages of the scores
     scale: Optional[ppo_math.ClassScale]          # per-class moving spreads of the centred scores
+    hold: Optional[ppo_math.RefusalHold] = None   # per-class multipliers that hold refusal shares
     step: int = 0                                 # the last finished step
     totals: dict[str, int] = dataclasses.field(default_factory=_totals)  # responses skipped, empty, ...
 
@@ -40,6 +41,7 @@ class TrainerState:
             "totals": dict(self.totals),
             "class_baseline": self.baseline.state_dict() if self.baseline is not None else None,
             "class_scale": self.scale.state_dict() if self.scale is not None else None,
+            "refusal_hold": self.hold.state_dict() if self.hold is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -54,3 +56,5 @@ class TrainerState:
             self.baseline.load_state_dict(state["class_baseline"])
         if self.scale is not None and state.get("class_scale") is not None:
             self.scale.load_state_dict(state["class_scale"])
+        if self.hold is not None and state.get("refusal_hold") is not None:
+            self.hold.load_state_dict(state["refusal_hold"])

@@ -20,13 +20,14 @@ import torch
 from pipeline import config as config_lib
 from pipeline import runs
 from pipeline.config import ConfigError
-from pipeline.data import DataError, load_sft
+from pipeline.data import DataError, load_sft, read_rows
+from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import ModelError
 from pipeline.ppo import checkpoint, logs, validation
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.common import STAGE, load_train_prompts, rbrm_classes
 from pipeline.ppo.config import PolicyTrainingConfig, PPOConfig
-from pipeline.ppo.policy import build_policy, save_policy
+from pipeline.ppo.policy import build_optimizer, build_policy, save_policy
 from pipeline.ppo.ptx import Demonstrations
 from pipeline.ppo.rollout import PromptSchedule, rollout
 from pipeline.ppo.state import TrainerState
@@ -94,6 +95,8 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
             ro = rollout(run.policy, run.ref_lm, run.tokenizer, rows["prompt"], rows["prompt_class"], cfg)
         rolled = time.perf_counter()
         total, info = state.composer(ro.prompts, ro.responses, ro.prompt_classes)  # NaN: no source applied
+        if state.hold is not None:
+            hold_refusals(state, cfg, ro, run.all_reduce)
         rec = advantages_from_scores(total, ro, cfg, state.kl_ctl.value, state.baseline, state.scale, run.all_reduce)
         scored_at = time.perf_counter()
         lr = ppo_math.scheduled_lr(cfg.learning_rate, step, cfg.max_steps, cfg.lr_scheduler_type, cfg.warmup_steps)
@@ -121,6 +124,42 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
             checkpoint.save_checkpoint(acc, cfg, step, state.state_dict())
     bar.close()
     return finish(run, history)
+
+
+def hold_refusals(state, cfg: PPOConfig, ro, all_reduce) -> None:
+    """Update the refusal-hold multipliers from this step's rollouts (string match, over every
+    process) and fold them into the class weights the scores are scaled by."""
+    held = sorted(state.hold.targets)
+    counts = torch.zeros(2, len(held), dtype=torch.float64)
+    for cls, reply in zip(ro.prompt_classes, ro.responses):
+        if cls in held:
+            counts[0, held.index(cls)] += is_refusal(reply)
+            counts[1, held.index(cls)] += 1
+    if all_reduce is not None:
+        counts = all_reduce(counts.to(ro.logprobs.device)).cpu()
+    state.hold.update(dict(zip(held, counts[0].tolist())), dict(zip(held, counts[1].tolist())))
+    state.scale.weights = {c: cfg.class_weights.get(c, 1.0) * state.hold.weights.get(c, 1.0)
+                           for c in set(cfg.class_weights) | set(held)}
+
+
+def ptx_conversations(cfg: PPOConfig) -> list[list[dict]]:
+    """The PPO-ptx demonstrations: every conversation of ``ptx_data``, or with ``ptx_classes``
+    those whose row's ``prompt_class`` is listed."""
+    conversations = load_sft(cfg.ptx_data)["messages"]
+    if not cfg.ptx_classes:
+        return list(conversations)
+    kept, seen = [], set()
+    for (where, row), messages in zip(read_rows(cfg.ptx_data), conversations):
+        if "prompt_class" not in row:
+            raise DataError(f"{where}: key 'ptx_classes' picks demonstrations by prompt_class, and this row has none")
+        seen.add(row["prompt_class"])
+        if row["prompt_class"] in cfg.ptx_classes:
+            kept.append(messages)
+    missing = sorted(set(cfg.ptx_classes) - seen)
+    if missing:
+        raise DataError(f"{cfg.ptx_data}: key 'ptx_classes' names {', '.join(map(repr, missing))}, but no "
+                        f"demonstration has that prompt_class (they have: {', '.join(sorted(map(str, seen)))})")
+    return kept
 
 
 def setup(cfg: PPOConfig, reward_composer=None):
@@ -168,13 +207,14 @@ def setup(cfg: PPOConfig, reward_composer=None):
                 raise DataError(f"{cfg.prompts}: select: {cfg.select} weighs harmful against safe validation "
                                 f"prompts, but there are none of class {', '.join(missing)}; add training prompts "
                                 "of that class")
-    unknown = sorted(set(cfg.class_mix) - set(classes)) + sorted(set(cfg.class_weights) - set(classes))
+    unknown = sorted((set(cfg.class_mix) | set(cfg.class_weights) | set(cfg.hold_refusal)) - set(classes))
     if unknown:
-        raise ConfigError(f"keys 'class_mix' / 'class_weights': no training prompt has class {unknown[0]!r}; "
+        raise ConfigError(f"keys 'class_mix' / 'class_weights' / 'hold_refusal': no training prompt has class "
+                          f"{unknown[0]!r}; "
                           f"the classes are {', '.join(classes)}")
     composer = reward_composer or build_reward_composer(rbrm_classes(cfg.rewards, classes), clip=cfg.reward_clip)
     # read now, so a data error shows before any model loads
-    conversations = load_sft(cfg.ptx_data)["messages"] if cfg.ptx_coef > 0 else None
+    conversations = ptx_conversations(cfg) if cfg.ptx_coef > 0 else None
     if conversations is not None and not conversations:
         raise DataError(f"{cfg.ptx_data}: key 'ptx_data': no demonstrations in the file")
 
@@ -184,8 +224,7 @@ def setup(cfg: PPOConfig, reward_composer=None):
     demos = (Demonstrations(conversations, tokenizer, cfg.ptx_batch_size, cfg.max_prompt_length,
                             cfg.ptx_max_length, cfg.seed) if conversations is not None else None)
     policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
-    optimizer = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=cfg.learning_rate,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = build_optimizer(policy, cfg.learning_rate, cfg.weight_decay)
     model, optimizer = accelerator.prepare(policy, optimizer)
     if ref_lm is not None:
         ref_lm.to(accelerator.device)
@@ -198,7 +237,9 @@ def setup(cfg: PPOConfig, reward_composer=None):
     baseline = (ppo_math.ClassBaseline(classes, cfg.class_baseline_decay) if cfg.class_baseline and per_prompt == 1
                 else None)
     scale = (ppo_math.ClassScale(classes, cfg.class_baseline_decay, cfg.class_weights, normalise=cfg.class_scale)
-             if cfg.class_scale or cfg.class_weights else None)
+             if cfg.class_scale or cfg.class_weights or cfg.hold_refusal else None)
+    hold = (ppo_math.RefusalHold(cfg.hold_refusal, cfg.hold_rate, cfg.hold_max_weight) if cfg.hold_refusal
+            else None)
     # Sampling differs per process; the shuffle generator is per process too (different data).
     set_seed(cfg.seed + accelerator.process_index)
     shuffle = torch.Generator().manual_seed(cfg.seed + accelerator.process_index)
@@ -210,7 +251,7 @@ def setup(cfg: PPOConfig, reward_composer=None):
         # reward normalisation statistics over every process's responses, not just this one's
         composer.gather = lambda a: accelerator.gather(
             torch.as_tensor(a, dtype=torch.float64, device=accelerator.device)).cpu().numpy()
-    state = TrainerState(kl_ctl, schedule, shuffle, composer, baseline, scale)
+    state = TrainerState(kl_ctl, schedule, shuffle, composer, baseline, scale, hold=hold)
     unwrapped = accelerator.unwrap_model(model)
     # A resumed run starts from the policy in best/, even one validated after the checkpoint it
     # resumes from (steps now being redone): it is a real, validated policy of this run.
@@ -284,7 +325,9 @@ def step_metrics(run: Run, step: int, ro, rec, info, lr: float, loss_stats: dict
             "rollout/skipped": n_skipped, "rollout/empty": n_empty, "rollout/truncated": n_trunc,
             "rollout/response_length": n_tokens / max(n_resp, 1), **info.metrics(), **loss_stats,
             **({f"baseline/{c}": v for c, v in state.baseline.mean.items()} if state.baseline is not None else {}),
-            **({f"scale/{c}_std": state.scale.std(c) for c in state.scale.var} if state.scale is not None else {})}
+            **({f"scale/{c}_std": state.scale.std(c) for c in state.scale.var} if state.scale is not None else {}),
+            **({f"hold/{c}_weight": w for c, w in state.hold.weights.items()} if state.hold is not None else {}),
+            **({f"hold/{c}_refused": v for c, v in state.hold.share.items()} if state.hold is not None else {})}
 
 
 def finish(run: Run, history: list[dict[str, float]]) -> dict:
