@@ -40,3 +40,23 @@ def test_hold_refusal_raises_the_weight_of_a_class_that_stops_refusing(tmp_path,
     with pytest.raises(ConfigError, match="hold_refusal.*'unsafe'"):
         ppo.main(_cfg(tmp_path, tiny_model_dir, prompts=str(prompts), output_dir=str(tmp_path / "other"),
                       hold_refusal={"unsafe": 0.9}))
+
+
+def test_the_shipped_ppo_config_validates_and_anchors_on_harmful_refusals():
+    # configs/ppo.yaml is what `make demo` runs: it must parse, and its PPO-ptx term must draw on
+    # the harmful demonstrations only, which are refusals.
+    from pathlib import Path
+
+    from pipeline.evaluation.refusal_match import is_refusal
+    from pipeline.ppo.config import from_dict
+    from pipeline.ppo.trainer import ptx_conversations
+
+    repo = Path(__file__).resolve().parents[1]
+    data = config_lib.load_yaml(str(repo / "configs" / "ppo.yaml"))
+    data["ptx_data"] = str(repo / data["ptx_data"])
+    cfg = from_dict(data, "configs/ppo.yaml")
+    cfg.validate()
+    demos = ptx_conversations(cfg)
+    assert cfg.ptx_coef > 0 and cfg.ptx_classes == ["harmful"]
+    assert len(demos) >= 50
+    assert sum(is_refusal(m[-1]["content"]) for m in demos) / len(demos) > 0.9
