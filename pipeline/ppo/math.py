@@ -618,8 +618,10 @@ class RefusalHold:
     so it grows while the class refuses less than asked and shrinks back to 1 once it refuses
     more. Why: a 135M policy moves one refusal threshold for every class, and a class that already
     refuses nearly always gives PPO almost no gradient, so the safe prompts' "answer more" pulls
-    the threshold down until harmful refusals are lost (every run of the demo config slid so).
+    the threshold down until harmful refusals are lost (most seeds of the demo config slid so).
     Held this way, PPO may only lower safe refusals as far as it learns to tell the classes apart.
+    Measured on the demo it did not: at the cap of 5 the harmful refusals still slid (run M in
+    docs/results.md), so the shipped config anchors them with PPO-ptx instead (``ptx_classes``).
     The constrained-optimisation reading is Safe RLHF's (Dai et al. 2023), with the refusal share
     as the constraint instead of a cost model.
     """

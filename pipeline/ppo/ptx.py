@@ -8,6 +8,13 @@ log-likelihood of SFT demonstrations to each update holds the behaviour the demo
 teach (refuse these, answer those) where the rollouts say nothing. The demonstrations answer
 their safe prompts, so the term does not pull back towards over-refusal.
 
+With every demonstration the term is mostly more SFT on the safe answers (61% of the project's
+demonstrations), and in the demo it did not hold the harmful refusals. ``ptx_classes: [harmful]``
+keeps only the refusals: a steady push up on the refusal openings for harmful prompts, which the
+rollouts stop giving once nearly every reply refuses. At weight 1.0 it doubled the safe
+refusals; at 0.25 (the shipped config) no seed lost more than a quarter of its harmful
+validation refusals (docs/results.md).
+
 TRL has no PPO trainer to take this from (its PPO loop was removed), so it lives here, written
 on :func:`pipeline.ppo.policy.response_forward`: the demonstration's earlier turns are the
 query, its last assistant turn (with eos) the response.
