@@ -21,7 +21,6 @@ from pipeline import config as config_lib
 from pipeline import runs
 from pipeline.config import ConfigError
 from pipeline.data import DataError, load_sft, read_rows
-from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import ModelError
 from pipeline.ppo import checkpoint, logs, validation
 from pipeline.ppo import math as ppo_math
@@ -130,14 +129,10 @@ def hold_refusals(state, cfg: PPOConfig, ro, all_reduce) -> None:
     """Update the refusal-hold multipliers from this step's rollouts (string match, over every
     process) and fold them into the class weights the scores are scaled by."""
     held = sorted(state.hold.targets)
-    counts = torch.zeros(2, len(held), dtype=torch.float64)
-    for cls, reply in zip(ro.prompt_classes, ro.responses):
-        if cls in held:
-            counts[0, held.index(cls)] += is_refusal(reply)
-            counts[1, held.index(cls)] += 1
+    counts = validation.refusal_counts(ro.prompt_classes, ro.responses, held)    # (classes, 2)
     if all_reduce is not None:
         counts = all_reduce(counts.to(ro.logprobs.device)).cpu()
-    state.hold.update(dict(zip(held, counts[0].tolist())), dict(zip(held, counts[1].tolist())))
+    state.hold.update(dict(zip(held, counts[:, 0].tolist())), dict(zip(held, counts[:, 1].tolist())))
     state.scale.weights = {c: cfg.class_weights.get(c, 1.0) * state.hold.weights.get(c, 1.0)
                            for c in set(cfg.class_weights) | set(held)}
 

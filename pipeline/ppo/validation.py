@@ -73,11 +73,12 @@ def greedy_replies(lm, tokenizer, prompts: Sequence[str], max_new_tokens: int, m
     return [r.strip() for r in replies]
 
 
-def refusal_counts(prompt_classes: Sequence[str], replies: Sequence[str]) -> torch.Tensor:
-    """``(len(RATES), 2)`` float tensor: per rate, (replies refused, replies) of its class;
-    a sum over processes gives the counts of the whole validation set."""
-    row_of = {cls: k for k, cls in enumerate(RATES.values())}
-    counts = torch.zeros(len(RATES), 2, dtype=torch.float64)
+def refusal_counts(prompt_classes: Sequence[str], replies: Sequence[str],
+                   classes: Sequence[str] = tuple(RATES.values())) -> torch.Tensor:
+    """``(len(classes), 2)`` float tensor: per class (by default the class of each rate), (replies
+    refused, replies) by string match; a sum over processes gives the counts of every process."""
+    row_of = {cls: k for k, cls in enumerate(classes)}
+    counts = torch.zeros(len(classes), 2, dtype=torch.float64)
     for cls, reply in zip(prompt_classes, replies):
         if cls in row_of:
             counts[row_of[cls], 0] += is_refusal(reply)
