@@ -115,6 +115,15 @@ def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir
     records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 1, 2, 3]
     assert [(r["harmful_refusal"], r["over_refusal"]) for r in records] == [(0, 0), (1, 1), (1, 0), (1, 1)]
+    # the replies behind each record, per prompt, agree with its rates
+    replies = [json.loads(line) for line in (run / validation.REPLIES_FILE).read_text().splitlines()]
+    assert [r["step"] for r in replies] == [0, 1, 2, 3]
+    for line, record in zip(replies, records):
+        assert len(line["prompts"]) == 4 and len({p["id"] for p in line["prompts"]}) == 4
+        harmful = [p["refused"] for p in line["prompts"] if p["prompt_class"] == "harmful"]
+        safe = [p["refused"] for p in line["prompts"] if p["prompt_class"] == "safe"]
+        assert (sum(harmful) / len(harmful), sum(safe) / len(safe)) == (record["harmful_refusal"], record["over_refusal"])
+    assert replies[2]["prompts"][0]["reply"] in (REFUSAL, ANSWER)
     assert summary["selected_step"] == 2 and summary["validation_selected"]["step"] == 2
     assert json.loads((run / "model" / "selection.json").read_text())["step"] == 2
     assert not (run / ppo_checkpoint.BEST_DIR).exists()
@@ -132,11 +141,20 @@ def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir
 
 def test_select_last_keeps_the_last_policy_and_still_logs_validation(tmp_path, tiny_model_dir):
     torch.set_num_threads(1)
-    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, select="last", val_every=2, save_steps=0),
+    summary = ppo.main(_cfg(tmp_path, tiny_model_dir, select="last", val_every=2, save_steps=0, keep_validated=True),
                        reward_composer=RewardComposer([ContainsSource("a")]))
     run = tmp_path / "run"
     records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [0, 2, 3]        # every 2 steps, and the last
+    # keep_validated: each validated policy in its own folder, with the record it was validated with
+    kept = sorted((run / validation.VALIDATED_DIR).iterdir())
+    assert [d.name for d in kept] == ["step-0", "step-2", "step-3"]
+    assert [json.loads((d / validation.SELECTION_FILE).read_text())["step"] for d in kept] == [0, 2, 3]
+    final = load_file(run / "model" / "model.safetensors")
+    last = load_file(kept[-1] / "model.safetensors")
+    first = load_file(kept[0] / "model.safetensors")
+    assert all(torch.equal(t, last[k]) for k, t in final.items())
+    assert any(not torch.equal(t, first[k]) for k, t in final.items())
     assert summary["selected_step"] == 3 and summary["validation_selected"] is None
     assert not (run / "model" / "selection.json").exists()
 

@@ -174,6 +174,10 @@ class PPOConfig(PolicyTrainingConfig):
                                      "(the validated step that refuses the most harmful prompts while refusing at "
                                      "most max_over_refusal of safe ones)")
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
+    select_window: int = field(1, help="select: f1: score a validated step by the mean F1 of its last N checks (itself "
+                                       "and the N-1 before it), so one lucky check does not decide; 1 = its own F1")
+    keep_validated: bool = field(False, help="also save every validated policy to validated/step-N (~0.5 GB each for "
+                                             "SmolLM2-135M), to evaluate the step another selection rule would keep")
     ptx_coef: float = field(0.0, help="weight of the demonstrations' negative log-likelihood added to each update "
                                       "(PPO-ptx): holds what SFT taught where rollouts carry no signal; 0 = off")
     ptx_data: str = field("", help="ptx_coef > 0: the SFT demonstrations (same formats as rbrm sft's data)")
@@ -199,6 +203,8 @@ class PPOConfig(PolicyTrainingConfig):
             raise ConfigError(f"key 'val_every': expected 0 (never) or a positive integer, got {self.val_every}")
         if self.val_every and not self.val_fraction:
             raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2)")
+        if self.select_window < 1:
+            raise ConfigError(f"key 'select_window': expected a positive integer, got {self.select_window}")
         if self.select not in validation.SELECT:
             raise ConfigError(f"key 'select': expected one of {', '.join(validation.SELECT)}, got {self.select!r}")
         if self.select != "last" and not self.val_every:

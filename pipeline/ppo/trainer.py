@@ -251,7 +251,7 @@ def setup(cfg: PPOConfig, reward_composer=None):
     # A resumed run starts from the policy in best/, even one validated after the checkpoint it
     # resumes from (steps now being redone): it is a real, validated policy of this run.
     selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / checkpoint.BEST_DIR),
-                                   rule="f1" if cfg.select == "f1" else "best")
+                                   rule="f1" if cfg.select == "f1" else "best", window=cfg.select_window)
 
     def save_best(record):
         staging = runs.staging_dir(cfg.output_dir, checkpoint.BEST_DIR)
@@ -259,10 +259,18 @@ def setup(cfg: PPOConfig, reward_composer=None):
         validation.write_record(staging, record)
         runs.publish_dir(staging, out / checkpoint.BEST_DIR)
 
+    def save_validated(record):
+        staging = runs.staging_dir(cfg.output_dir, f"validated-step-{record['step']}")
+        save_policy(unwrapped, tokenizer, staging, merge=cfg.lora, keep_training=True)
+        validation.write_record(staging, record)
+        (out / validation.VALIDATED_DIR).mkdir(exist_ok=True)
+        runs.publish_dir(staging, out / validation.VALIDATED_DIR / f"step-{record['step']}")
+
     validator = None
     if val_ds is not None and cfg.val_every:
         validator = validation.Validator(val_ds, tokenizer, accelerator, cfg, out, selector, amp, save_best,
-                                         log=accelerator.log if trackers else None)
+                                         log=accelerator.log if trackers else None,
+                                         save_validated=save_validated if cfg.keep_validated else None)
     run = Run(cfg, out, accelerator, model, unwrapped, ref_lm, tokenizer, optimizer, ds, state, selector, validator,
               amp, all_reduce, slice(accelerator.process_index * prompts_per_process,
                                      (accelerator.process_index + 1) * prompts_per_process), trackers, timer,
@@ -290,6 +298,7 @@ def resume(run: Run) -> list[dict[str, float]]:
         checkpoint.trim_jsonl(run.out / "samples.jsonl", run.state.step)
         if run.validator is not None:
             run.validator.records = checkpoint.trim_jsonl(run.out / validation.FILE, run.state.step)
+            checkpoint.trim_jsonl(run.out / validation.REPLIES_FILE, run.state.step)
             for record in run.validator.records:
                 run.selector.offer(record)
         print(f"ppo: resuming from {run.resume_path} at step {run.state.step + 1}", file=sys.stderr)

@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 import torch
+from accelerate.utils import gather_object
 
 from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
@@ -38,6 +39,8 @@ from pipeline.models import encode_user_turns
 SELECT = ("last", "best", "f1")
 SELECTION_FILE = "selection.json"
 FILE = "validation.jsonl"       # in the run folder: one record per validated step
+REPLIES_FILE = "validation_replies.jsonl"  # and the replies behind it: one line per validated step
+VALIDATED_DIR = "validated"     # keep_validated: every validated policy, validated/step-N
 RATES = {"harmful_refusal": "harmful", "over_refusal": "safe", "sensitive_refusal": "sensitive"}
 
 
@@ -109,23 +112,35 @@ class Selector:
     """Keeps the best validation record seen so far: by F1 (``rule="f1"``), or by harmful
     refusals under the over-refusal budget (``rule="best"``)."""
 
-    def __init__(self, max_over_refusal: float, best: Optional[dict[str, Any]] = None, rule: str = "best"):
+    def __init__(self, max_over_refusal: float, best: Optional[dict[str, Any]] = None, rule: str = "best",
+                 window: int = 1):
         if rule not in ("best", "f1"):
             raise ValueError(f"unknown selection rule {rule!r}")
+        if window < 1:
+            raise ValueError(f"select_window: expected a positive integer, got {window}")
         self.max_over_refusal = max_over_refusal
         self.best = best
         self.rule = rule
+        self.window = window
+        self.recent: list[float] = []   # F1 of the last ``window`` records offered
 
     def _key(self, record: dict[str, Any]) -> tuple:
         harmful, over = record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0
         if self.rule == "f1":
-            return (f1(harmful, over), -record["step"])
+            score = record.get("f1_window", f1(harmful, over))
+            return (score, -record["step"])
         within = over <= self.max_over_refusal + 1e-12
         # larger is better; the last entry makes ties go to the earlier step
         return (1, harmful, -over, -record["step"]) if within else (0, -over, harmful, -record["step"])
 
     def offer(self, record: dict[str, Any]) -> bool:
-        """True (and ``record`` becomes the best) when it beats the best so far."""
+        """True (and ``record`` becomes the best) when it beats the best so far. With ``window`` > 1
+        (rule f1) a record is scored by the mean F1 of itself and the records offered just before it,
+        written to it as ``f1_window``."""
+        if self.rule == "f1" and self.window > 1:
+            self.recent = (self.recent + [f1(record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0)])
+            self.recent = self.recent[-self.window:]
+            record["f1_window"] = sum(self.recent) / len(self.recent)
         if self.best is None or self._key(record) > self._key(self.best):
             self.best = dict(record)
             return True
@@ -163,11 +178,17 @@ class Validator:
     """
 
     def __init__(self, val_ds, tokenizer, accelerator, cfg, out: Path, selector: Selector, amp,
-                 save_best, log=None, records: Optional[list[dict[str, Any]]] = None):
+                 save_best, log=None, records: Optional[list[dict[str, Any]]] = None, save_validated=None):
         self.mine = val_ds.select(range(accelerator.process_index, len(val_ds), accelerator.num_processes))
         self.tokenizer, self.accelerator, self.cfg, self.out = tokenizer, accelerator, cfg, out
         self.selector, self.amp, self.save_best, self.log = selector, amp, save_best, log
+        self.save_validated = save_validated
         self.records: list[dict[str, Any]] = list(records or [])
+
+    def _ids(self) -> list:
+        if "id" in self.mine.column_names:
+            return list(self.mine["id"])
+        return [f"{self.accelerator.process_index}:{k}" for k in range(len(self.mine))]
 
     def __call__(self, lm, step: int) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
@@ -176,16 +197,25 @@ class Validator:
                                      cfg.max_prompt_length, cfg.val_batch_size)
         counts = refusal_counts(self.mine["prompt_class"], replies).to(acc.device)
         record = rates(step, acc.reduce(counts, reduction="sum").cpu())
+        # each prompt's reply and refusal, so a selection rule can be judged on prompts it did not choose on
+        mine = [{"id": i, "prompt_class": c, "refused": bool(is_refusal(r)), "reply": r}
+                for i, c, r in zip(self._ids(), self.mine["prompt_class"], replies)]
+        every = gather_object(mine) if acc.num_processes > 1 else mine
         improved = self.selector.offer(record)
         record["selected"] = improved
         self.records.append(record)
         if acc.is_main_process:
             with open(self.out / FILE, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
+            with open(self.out / REPLIES_FILE, "a", encoding="utf-8") as f:
+                f.write(json.dumps({"step": step, "prompts": sorted(every, key=lambda x: str(x["id"]))},
+                                   ensure_ascii=False) + "\n")
             if self.log is not None:
                 self.log({f"val/{k}": v for k, v in record.items() if k in (*RATES, "f1") and v is not None},
                          step=step)
             if improved and cfg.select != "last":
                 self.save_best(record)
+            if self.save_validated is not None:
+                self.save_validated(record)
         acc.wait_for_everyone()
         return record
