@@ -71,6 +71,10 @@ class ClassifierBackend(EmbeddingBackend):
         self.cls_head = torch.nn.Linear(state["weight"].shape[1], len(QUESTIONS))
         self.cls_head.load_state_dict(state)
         self.cls_head.to(self.device).eval()
+        training = adapter / "training.json"
+        # the adapter is read with the window it was trained with (fits before the setting: 128)
+        self.max_tokens = int(json.loads(training.read_text(encoding="utf-8")).get("max_tokens", MAX_TOKENS)
+                              if training.is_file() else MAX_TOKENS)
         digest = hashlib.sha256()
         for f in sorted(adapter.iterdir()):
             if f.suffix in (".safetensors", ".pt", ".json"):
@@ -94,7 +98,8 @@ class ClassifierBackend(EmbeddingBackend):
         with torch.no_grad():
             for start in range(0, len(items), self.batch_size):
                 idx = order[start:start + self.batch_size]
-                enc = encode_pairs(self.tok, [items[i].prompt for i in idx], [items[i].response for i in idx])
+                enc = encode_pairs(self.tok, [items[i].prompt for i in idx], [items[i].response for i in idx],
+                                   self.max_tokens)
                 out[idx] = pooled_logits(self.model, self.cls_head, enc.to(self.device)).float().cpu().numpy()
         return out
 
@@ -111,14 +116,14 @@ class ClassifierBackend(EmbeddingBackend):
         return probs, [None] * len(items)
 
 
-def encode_pairs(tok, prompts: Sequence[str | None], responses: Sequence[str]):
+def encode_pairs(tok, prompts: Sequence[str | None], responses: Sequence[str], max_tokens: int = MAX_TOKENS):
     """Tokenise (request end, reply) pairs: the request's last MAX_PROMPT_TOKENS tokens, then the
-    reply up to MAX_TOKENS in all. A missing request is an empty first segment."""
+    reply up to ``max_tokens`` in all. A missing request is an empty first segment."""
     tails = []
     for p in prompts:
         ids = tok((p or "")[-2000:], add_special_tokens=False)["input_ids"]
         tails.append(tok.decode(ids[-MAX_PROMPT_TOKENS:]))
-    return tok(tails, [r[:4000] or "(empty)" for r in responses], truncation="only_second", max_length=MAX_TOKENS,
+    return tok(tails, [r[:4000] or "(empty)" for r in responses], truncation="only_second", max_length=max_tokens,
                padding=True, return_tensors="pt")
 
 
@@ -170,10 +175,54 @@ def load_rows(data_dir: Path, harm_file: Path | None = None, dodges: int = 200, 
     return rows
 
 
-def fit(rows: list[dict], model: str = "all-minilm-l6-v2", out: Path = ADAPTER_DIR, epochs: int = 2,
+def split_rows(rows: list[dict], val_fraction: float, seed: int = 0,
+               sources: Sequence[str] = ("grader_train.jsonl",)) -> tuple[list[dict], list[dict]]:
+    """(train, validation): a seeded ``val_fraction`` of each named source's rows held out.
+
+    The written replies and the harm file are the rows in the styles the grader is judged on; the
+    demonstrations stay in training. A dodge reuses a written answer under another request, so a
+    dodge whose reply is held out is dropped rather than trained on."""
+    if not 0 <= val_fraction < 1:
+        raise ValueError(f"val_fraction: expected a number in [0, 1), got {val_fraction}")
+    rng = random.Random(seed)
+    held = set()
+    for source in sources:
+        idx = [i for i, r in enumerate(rows) if r["source"] == source]
+        held.update(rng.sample(idx, round(val_fraction * len(idx))))
+    val = [rows[i] for i in sorted(held)]
+    held_replies = {r["response"] for r in val}
+    train = [r for i, r in enumerate(rows)
+             if i not in held and not (r["source"] == "dodges" and r["response"] in held_replies)]
+    return train, val
+
+
+def validation_metrics(refuse_logits: np.ndarray, harm_logits: np.ndarray, rows: list[dict]) -> dict:
+    """Per question: rows, accuracy and F1 at P = 0.5, ROC AUC, over the rows that carry its label."""
+    from sklearn.metrics import f1_score, roc_auc_score
+
+    out = {}
+    for q, z in (("refuses", refuse_logits), ("harmful", harm_logits)):
+        keep = [i for i, r in enumerate(rows) if r[q] is not None]
+        if not keep:
+            continue
+        y = np.array([bool(rows[i][q]) for i in keep])
+        score = np.asarray(z)[keep]
+        pred = score > 0
+        out[q] = {"rows": len(keep), "accuracy": round(float((pred == y).mean()), 4),
+                  "f1": round(float(f1_score(y, pred, zero_division=0)), 4),
+                  "roc_auc": round(float(roc_auc_score(y, score)), 4) if 0 < y.sum() < len(y) else None}
+    return out
+
+
+def fit(rows: list[dict], model: str = "all-minilm-l6-v2", out: Path = ADAPTER_DIR, epochs: int = 3,
         lr: float = 1e-3, rank: int = 8, batch_size: int = 16, seed: int = 0, cache_dir: str | None = None,
-        progress: bool = True) -> dict:
-    """Train the adapter and head on ``rows``; write them and ``training.json`` to ``out``."""
+        progress: bool = True, val_rows: list[dict] | None = None, max_tokens: int = MAX_TOKENS,
+        record: dict | None = None) -> dict:
+    """Train the adapter and head on ``rows``; write them and ``training.json`` to ``out``.
+
+    With ``val_rows`` (see ``split_rows``) the held-out rows are scored after training and their
+    figures land in ``training.json`` under ``validation``: the place to compare settings.
+    ``record`` adds keys to ``training.json`` (how the rows were split)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from tqdm.auto import tqdm
@@ -204,7 +253,7 @@ def fit(rows: list[dict], model: str = "all-minilm-l6-v2", out: Path = ADAPTER_D
         random.shuffle(order)
         for start in range(0, len(order), batch_size):
             batch = [rows[i] for i in order[start:start + batch_size]]
-            enc = encode_pairs(tok, [r["prompt"] for r in batch], [r["response"] for r in batch])
+            enc = encode_pairs(tok, [r["prompt"] for r in batch], [r["response"] for r in batch], max_tokens)
             logits = pooled_logits(encoder, head, enc)
             y = torch.tensor([[float(r[q] or 0) for q in QUESTIONS] for r in batch])
             m = torch.tensor([[float(r[q] is not None) for q in QUESTIONS] for r in batch])
@@ -231,11 +280,25 @@ def fit(rows: list[dict], model: str = "all-minilm-l6-v2", out: Path = ADAPTER_D
     sources = {}
     for r in rows:
         sources[r["source"]] = sources.get(r["source"], 0) + 1
+    validation = None
+    if val_rows:
+        encoder.eval()
+        with torch.no_grad():
+            logits = torch.cat([pooled_logits(encoder, head, encode_pairs(
+                tok, [r["prompt"] for r in val_rows[i:i + 64]], [r["response"] for r in val_rows[i:i + 64]], max_tokens))
+                for i in range(0, len(val_rows), 64)]).numpy()
+        validation = validation_metrics(logits[:, 0], logits[:, 1], val_rows)
+        validation["held_out"] = {}
+        for r in val_rows:
+            validation["held_out"][r["source"]] = validation["held_out"].get(r["source"], 0) + 1
     info = {"encoder": model, "questions": list(QUESTIONS), "rows": len(rows), "sources": sources,
             "refusal_labels": sum(r["refuses"] is not None for r in rows),
             "harm_labels": sum(r["harmful"] is not None for r in rows),
             "pos_weight": [round(float(w), 3) for w in pos_weight], "epochs": epochs, "lr": lr, "rank": rank, "batch_size": batch_size, "seed": seed,
+            "max_tokens": max_tokens, **(record or {}),
             "final_loss": round(float(np.mean(losses[-20:])), 4), "seconds": round(time.time() - t0)}
+    if validation is not None:
+        info["validation"] = validation
     (out / "training.json").write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     return info
 
@@ -248,23 +311,34 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="cmd", required=True)
     p_fit = sub.add_parser("fit", help=f"train and write the adapter to {ADAPTER_DIR.name}/",
                            description="Train on data/ (refusal and harm labels) and an optional harm-labelled "
-                                       "file; about 25 min on 2 CPU cores.")
+                                       "file; about 15 min on 2 CPU cores.")
     p_fit.add_argument("--data_dir", default="data")
     p_fit.add_argument("--harm_file", default="../shared/data/beavertails_response_train.jsonl",
                        help="JSONL of (prompt, response, response_harm_label); empty to train without one")
     p_fit.add_argument("--out", default=str(ADAPTER_DIR))
-    p_fit.add_argument("--epochs", type=int, default=2)
+    p_fit.add_argument("--epochs", type=int, default=3)
     p_fit.add_argument("--lr", type=float, default=1e-3)
     p_fit.add_argument("--rank", type=int, default=8)
     p_fit.add_argument("--seed", type=int, default=0)
+    p_fit.add_argument("--val_fraction", type=float, default=0.15,
+                       help="seeded share of grader_train.jsonl and the harm file held out and scored after "
+                            "training (training.json's validation block); choose settings on it, 0 to train on all")
+    p_fit.add_argument("--max_tokens", type=int, default=MAX_TOKENS,
+                       help="request + reply tokens the encoder reads (the adapter records it; grading reads the same)")
     p_fit.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
     harm = Path(args.harm_file) if args.harm_file else None
     if harm is not None and not harm.is_file():
         parser.error(f"--harm_file {harm}: no such file (pass --harm_file '' to train without one)")
     rows = load_rows(Path(args.data_dir), harm)
-    info = fit(rows, out=Path(args.out), epochs=args.epochs, lr=args.lr, rank=args.rank, seed=args.seed,
-               cache_dir=args.cache_dir)
+    sources = ["grader_train.jsonl"] + ([harm.name] if harm is not None else [])
+    try:
+        train, val = split_rows(rows, args.val_fraction, args.seed, sources)
+    except ValueError as e:
+        parser.error(f"--{e}")
+    info = fit(train, out=Path(args.out), epochs=args.epochs, lr=args.lr, rank=args.rank, seed=args.seed,
+               cache_dir=args.cache_dir, val_rows=val, max_tokens=args.max_tokens,
+               record={"val_fraction": args.val_fraction, "val_sources": sources})
     print(json.dumps(info, indent=2))
 
 
