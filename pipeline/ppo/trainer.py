@@ -253,18 +253,19 @@ def setup(cfg: PPOConfig, reward_composer=None):
     selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / checkpoint.BEST_DIR),
                                    rule="f1" if cfg.select == "f1" else "best", window=cfg.select_window)
 
-    def save_best(record):
-        staging = runs.staging_dir(cfg.output_dir, checkpoint.BEST_DIR)
+    def publish_policy(dest: Path, record):
+        """The current policy and its validation record to ``dest``, in one rename."""
+        staging = runs.staging_dir(cfg.output_dir, dest.relative_to(out).as_posix().replace("/", "-"))
         save_policy(unwrapped, tokenizer, staging, merge=cfg.lora, keep_training=True)
         validation.write_record(staging, record)
-        runs.publish_dir(staging, out / checkpoint.BEST_DIR)
+        dest.parent.mkdir(exist_ok=True)
+        runs.publish_dir(staging, dest)
+
+    def save_best(record):
+        publish_policy(out / checkpoint.BEST_DIR, record)
 
     def save_validated(record):
-        staging = runs.staging_dir(cfg.output_dir, f"validated-step-{record['step']}")
-        save_policy(unwrapped, tokenizer, staging, merge=cfg.lora, keep_training=True)
-        validation.write_record(staging, record)
-        (out / validation.VALIDATED_DIR).mkdir(exist_ok=True)
-        runs.publish_dir(staging, out / validation.VALIDATED_DIR / f"step-{record['step']}")
+        publish_policy(out / validation.VALIDATED_DIR / f"step-{record['step']}", record)
 
     validator = None
     if val_ds is not None and cfg.val_every:

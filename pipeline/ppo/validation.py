@@ -80,11 +80,17 @@ def refusal_counts(prompt_classes: Sequence[str], replies: Sequence[str],
                    classes: Sequence[str] = tuple(RATES.values())) -> torch.Tensor:
     """``(len(classes), 2)`` float tensor: per class (by default the class of each rate), (replies
     refused, replies) by string match; a sum over processes gives the counts of every process."""
+    return count_refused(prompt_classes, [is_refusal(r) for r in replies], classes)
+
+
+def count_refused(prompt_classes: Sequence[str], refused: Sequence[bool],
+                  classes: Sequence[str] = tuple(RATES.values())) -> torch.Tensor:
+    """``refusal_counts`` from refusal flags already decided."""
     row_of = {cls: k for k, cls in enumerate(classes)}
     counts = torch.zeros(len(classes), 2, dtype=torch.float64)
-    for cls, reply in zip(prompt_classes, replies):
+    for cls, flag in zip(prompt_classes, refused):
         if cls in row_of:
-            counts[row_of[cls], 0] += is_refusal(reply)
+            counts[row_of[cls], 0] += bool(flag)
             counts[row_of[cls], 1] += 1
     return counts
 
@@ -138,8 +144,8 @@ class Selector:
         (rule f1) a record is scored by the mean F1 of itself and the records offered just before it,
         written to it as ``f1_window``."""
         if self.rule == "f1" and self.window > 1:
-            self.recent = (self.recent + [f1(record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0)])
-            self.recent = self.recent[-self.window:]
+            score = f1(record["harmful_refusal"] or 0.0, record["over_refusal"] or 0.0)
+            self.recent = (self.recent + [score])[-self.window:]
             record["f1_window"] = sum(self.recent) / len(self.recent)
         if self.best is None or self._key(record) > self._key(self.best):
             self.best = dict(record)
@@ -195,11 +201,12 @@ class Validator:
         with self.amp():
             replies = greedy_replies(lm, self.tokenizer, self.mine["prompt"], cfg.val_max_new_tokens,
                                      cfg.max_prompt_length, cfg.val_batch_size)
-        counts = refusal_counts(self.mine["prompt_class"], replies).to(acc.device)
+        refused = [is_refusal(r) for r in replies]
+        counts = count_refused(self.mine["prompt_class"], refused).to(acc.device)
         record = rates(step, acc.reduce(counts, reduction="sum").cpu())
         # each prompt's reply and refusal, so a selection rule can be judged on prompts it did not choose on
-        mine = [{"id": i, "prompt_class": c, "refused": bool(is_refusal(r)), "reply": r}
-                for i, c, r in zip(self._ids(), self.mine["prompt_class"], replies)]
+        mine = [{"id": i, "prompt_class": c, "refused": bool(f), "reply": r}
+                for i, c, f, r in zip(self._ids(), self.mine["prompt_class"], refused, replies)]
         every = gather_object(mine) if acc.num_processes > 1 else mine
         improved = self.selector.offer(record)
         record["selected"] = improved

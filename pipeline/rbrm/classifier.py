@@ -92,16 +92,8 @@ class ClassifierBackend(EmbeddingBackend):
 
     def question_logits(self, items) -> np.ndarray:
         """(N, 2) logits of refuses, harmful."""
-        torch = self.torch
-        out = np.zeros((len(items), len(QUESTIONS)), dtype=np.float64)
-        order = sorted(range(len(items)), key=lambda i: -len(items[i].response))
-        with torch.no_grad():
-            for start in range(0, len(items), self.batch_size):
-                idx = order[start:start + self.batch_size]
-                enc = encode_pairs(self.tok, [items[i].prompt for i in idx], [items[i].response for i in idx],
-                                   self.max_tokens)
-                out[idx] = pooled_logits(self.model, self.cls_head, enc.to(self.device)).float().cpu().numpy()
-        return out
+        return batch_logits(self.model, self.cls_head, self.tok, [it.prompt for it in items],
+                            [it.response for it in items], self.max_tokens, self.batch_size, self.device)
 
     def category_probs(self, rubric: Rubric, prompt_class: str, items) -> tuple[np.ndarray, list[str | None]]:
         p_refuse, p_harm = _sigmoid(self.question_logits(items)).T
@@ -125,6 +117,21 @@ def encode_pairs(tok, prompts: Sequence[str | None], responses: Sequence[str], m
         tails.append(tok.decode(ids[-MAX_PROMPT_TOKENS:]))
     return tok(tails, [r[:4000] or "(empty)" for r in responses], truncation="only_second", max_length=max_tokens,
                padding=True, return_tensors="pt")
+
+
+def batch_logits(model, head, tok, prompts: Sequence[str | None], responses: Sequence[str], max_tokens: int,
+                 batch_size: int, device="cpu") -> np.ndarray:
+    """(N, 2) logits of refuses, harmful; batches of similar length, no gradients."""
+    import torch
+
+    out = np.zeros((len(responses), len(QUESTIONS)), dtype=np.float64)
+    order = sorted(range(len(responses)), key=lambda i: -len(responses[i]))
+    with torch.no_grad():
+        for start in range(0, len(order), batch_size):
+            idx = order[start:start + batch_size]
+            enc = encode_pairs(tok, [prompts[i] for i in idx], [responses[i] for i in idx], max_tokens)
+            out[idx] = pooled_logits(model, head, enc.to(device)).float().cpu().numpy()
+    return out
 
 
 def pooled_logits(model, head, enc):
@@ -283,10 +290,8 @@ def fit(rows: list[dict], model: str = "all-minilm-l6-v2", out: Path = ADAPTER_D
     validation = None
     if val_rows:
         encoder.eval()
-        with torch.no_grad():
-            logits = torch.cat([pooled_logits(encoder, head, encode_pairs(
-                tok, [r["prompt"] for r in val_rows[i:i + 64]], [r["response"] for r in val_rows[i:i + 64]], max_tokens))
-                for i in range(0, len(val_rows), 64)]).numpy()
+        logits = batch_logits(encoder, head, tok, [r["prompt"] for r in val_rows], [r["response"] for r in val_rows],
+                              max_tokens, batch_size=64)
         validation = validation_metrics(logits[:, 0], logits[:, 1], val_rows)
         validation["held_out"] = {}
         for r in val_rows:
