@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from pipeline.ppo.math import (
+    refusal_centre,
     ClassBaseline,
     ClassScale,
     AdaptiveKLController,
@@ -407,6 +408,26 @@ def test_class_baseline_centres_each_class_on_its_own_average():
     assert base.mean["harmful"] == pytest.approx(0.5 * 0.4 + 0.5 * 1.5)
 
 
+def test_refusal_centre_by_hand():
+    # Refusals: a harmful one at 0.2 and a safe one at -1.8 (mean -0.8); answers: safe 1.0, harmful
+    # -1.0, sensitive 0.6 (mean 0.2); the last row is unscored and stays as it is.
+    score = T([0.2, -1.8, 1.0, -1.0, 0.6, 5.0])
+    refused = torch.tensor([True, True, False, False, False, True])
+    scored = torch.tensor([True, True, True, True, True, False])
+    out = refusal_centre(score, refused, scored)
+    close(out, [1.0, -1.0, 0.8, -1.2, 0.4, 5.0])
+    # each group's scores now sum to zero: nothing is left to move the refusal threshold
+    assert float(out[:2].sum()) == pytest.approx(0.0, abs=1e-6)
+    assert float(out[2:5].sum()) == pytest.approx(0.0, abs=1e-6)
+    close(refusal_centre(score, refused, scored, strength=0.5), [0.6, -1.4, 0.9, -1.1, 0.5, 5.0])
+    close(refusal_centre(score, refused, scored, strength=0.0), score.tolist())
+    # a second process holding one refusal scored -0.8 and no answer leaves the refusal mean at -0.8
+    other = torch.tensor([-0.8, 0.0, 1.0, 0.0], dtype=torch.float64)
+    close(refusal_centre(score, refused, scored, all_reduce=lambda s: s + other)[:2], [1.0, -1.0])
+    with pytest.raises(ValueError, match="strength"):
+        refusal_centre(score, refused, scored, strength=1.5)
+
+
 def test_leave_one_out_centre_by_hand():
     # two prompts x two responses: each response against its sibling
     close(leave_one_out_centre(T([1.0, 3.0, 2.0, 2.0]), torch.ones(4, dtype=torch.bool), 2), [-2.0, 2.0, 0.0, 0.0])
@@ -470,3 +491,28 @@ def test_refusal_hold_grows_below_target_shrinks_above_and_stays_within_bounds()
     hold.update({"harmful": 0.0}, {"harmful": 2.0})
     again.load_state_dict(hold.state_dict())
     assert again.weights == pytest.approx(hold.weights)
+
+
+def test_step_centres_refusals_found_by_string_match():
+    from pipeline import config as config_lib
+    from pipeline import ppo
+    from pipeline.ppo.rollout import Rollout
+    from pipeline.ppo.step import advantages_from_scores
+
+    b, t = 4, 3
+    replies = ["I'm sorry, but I can't help with that.", "Sorry, I can't help with that.",
+               "Preheat the oven to 200C.", "Use kill -9 with the process id."]
+    ro = Rollout(torch.ones(b, 2, dtype=torch.long), torch.ones(b, 2, dtype=torch.long),
+                 torch.ones(b, t, dtype=torch.long), torch.ones(b, t, dtype=torch.long),
+                 torch.zeros(b, t), torch.zeros(b, t), torch.zeros(b, t), torch.zeros(b, dtype=torch.bool),
+                 ["p"] * b, ["harmful", "safe", "safe", "safe"], replies)
+    score = [1.0, -2.0, 1.0, 0.0]
+    on = config_lib.from_dict(ppo.PPOConfig, {"model": "m", "class_baseline": False, "refusal_centring": 1.0,
+                                              "whiten_advantages": False}, "test")
+    rec = advantages_from_scores(score, ro, on, kl_coef=0.0)
+    close(rec.score, [1.5, -1.5, 0.5, -0.5])
+    off = config_lib.from_dict(ppo.PPOConfig, {"model": "m", "class_baseline": False,
+                                               "whiten_advantages": False}, "test")
+    close(advantages_from_scores(score, ro, off, kl_coef=0.0).score, score)
+    with pytest.raises(config_lib.ConfigError, match="refusal_centring"):
+        config_lib.from_dict(ppo.PPOConfig, {"model": "m", "refusal_centring": 2.0}, "test")

@@ -151,6 +151,11 @@ class PPOConfig(PolicyTrainingConfig):
                                           "rubric's reward range (pipeline.ppo.math.ClassScale)")
     class_weights: dict[str, float] = field({}, help="multiply each class's centred scores, e.g. harmful=1.5 "
                                                      "(after class_scale when on); a class left out weighs 1")
+    refusal_centring: float = field(0.0, help="after the baseline and class scaling, take this share (0-1) of the "
+                                              "mean score of the step's refusals (string match) out of each refusal, "
+                                              "and of the other replies' mean out of each of them: the update then "
+                                              "moves which prompts are refused more than how many "
+                                              "(pipeline.ppo.math.refusal_centre); 0 = off")
     hold_refusal: dict[str, float] = field({}, help="class -> share of its rollouts that should refuse (string match), "
                                                     "e.g. harmful=0.9: below it the class's weight grows, a Lagrange "
                                                     "multiplier (pipeline.ppo.math.RefusalHold), and shrinks back to 1 "
@@ -195,6 +200,8 @@ class PPOConfig(PolicyTrainingConfig):
                      "val_max_new_tokens", "val_batch_size", "keep_checkpoints", "ptx_batch_size", "ptx_max_length"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"key '{name}': expected a positive integer, got {getattr(self, name)}")
+        if not 0 <= self.refusal_centring <= 1:
+            raise ConfigError(f"key 'refusal_centring': expected a number in [0, 1], got {self.refusal_centring}")
         if not 0 <= self.class_baseline_decay < 1:
             raise ConfigError(f"key 'class_baseline_decay': expected a number in [0, 1), got {self.class_baseline_decay}")
         if not 0 <= self.val_fraction < 1:

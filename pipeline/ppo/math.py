@@ -702,3 +702,35 @@ def whiten_and_clip_scores(
     if clip is not None:
         normalised = torch.clamp(normalised, -clip, clip)
     return normalised
+
+
+def refusal_centre(score: torch.Tensor, refused: torch.Tensor, scored: torch.Tensor, strength: float = 1.0,
+                   all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """Centre the step's refusals on their own mean score and its other replies on theirs.
+
+    Every refusal shares a few opening tokens whatever the prompt, so the sum of the advantages
+    that refusals carry moves the policy's readiness to refuse everywhere at once (one
+    threshold), and only the differences between them say *where* to refuse. Taking each
+    group's mean out leaves those differences: a refused harmful prompt scores above a refused
+    safe one, an answered safe prompt above an answered harmful one, and the two groups' sums,
+    which would shift the threshold, are zero. ``strength`` in [0, 1] takes that share of each
+    group's mean out (0: unchanged). This is a baseline that depends on the reply, so it is no
+    longer an unbiased estimate of the reward's gradient: by design it gives up the push on
+    how often to refuse, which the KL term and PPO-ptx leave near the SFT model's.
+
+    ``(B,)`` scores, ``refused`` and ``scored`` flags -> ``(B,)`` centred scores; group means are
+    over scored rows of every process (``all_reduce`` sums); unscored rows stay as they are.
+    """
+    if not 0.0 <= strength <= 1.0:
+        raise ValueError(f"strength must be in [0, 1], got {strength}")
+    refused = refused.to(torch.bool) & scored
+    answered = ~refused & scored
+    sums = torch.stack([torch.where(g, score, torch.zeros_like(score)).sum().to(torch.float64)
+                        for g in (refused, answered)] +
+                       [g.sum().to(torch.float64) for g in (refused, answered)])
+    if all_reduce is not None:
+        sums = all_reduce(sums)
+    means = [float(sums[k] / sums[k + 2]) if sums[k + 2] > 0 else 0.0 for k in range(2)]
+    shift = torch.where(refused, torch.full_like(score, means[0]),
+                        torch.where(answered, torch.full_like(score, means[1]), torch.zeros_like(score)))
+    return score - strength * shift

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
+from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.config import PPOConfig
 from pipeline.ppo.policy import response_forward
@@ -47,6 +48,8 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
     ``baseline`` (its class's moving average) when given. ``scale`` then evens out the classes.
     ``all_reduce`` sums a tensor over processes (None: one process), so class statistics and
     whitening see the global batch. ``baseline`` and ``scale`` update their running statistics.
+    With ``refusal_centring`` > 0 the refusals (string match) and the other replies are then each
+    centred on their own mean (:func:`pipeline.ppo.math.refusal_centre`).
     """
     score = torch.as_tensor(total, dtype=torch.float32, device=ro.logprobs.device)   # (B,)
     scored = torch.isfinite(score) & ~ro.empty                                         # (B,)
@@ -59,6 +62,9 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
         score = baseline(score, ro.prompt_classes, scored, all_reduce=all_reduce)
     if scale is not None:
         score = scale(score, ro.prompt_classes, scored, all_reduce=all_reduce)
+    if cfg.refusal_centring > 0:
+        refused = torch.tensor([is_refusal(r) for r in ro.responses], device=score.device)
+        score = ppo_math.refusal_centre(score, refused, scored, cfg.refusal_centring, all_reduce=all_reduce)
     rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_coef,
                                              cfg.kl_estimator)                         # (B, T) each
     advantages, returns = ppo_math.gae(rewards, ro.values, mask, cfg.gamma, cfg.lam)
