@@ -9,8 +9,8 @@ rubric input and the same batch size:
             per pair, greedy ``model.generate`` with left padding, then the first standalone
             A/B/C/D letter in the reply; a reply without one counts as "no answer".
 
-The default grader backend (``classifier``) and the ``embedding`` backend grade the same pairs
-too, with the shipped rubrics; their examples/second are printed against the log-prob read-out's,
+The default grader backend (``classifier``, also without its off-topic gate) and the
+``embedding`` backend grade the same pairs too, with the shipped rubrics; their examples/second are printed against the log-prob read-out's,
 timed in the same run.
 
 Run from the repository root:
@@ -211,8 +211,16 @@ def grade_encoders(pairs, args, t_logprob: float, progress: bool) -> dict:
     items = [GradeItem(pair.response[:args.max_response_chars], pair.prompt, args.prompt_class) for pair in pairs]
     labelled = [i for i, pair in enumerate(pairs) if pair.gold_refusal is not None]
     out = {}
-    for kind, cls in (("classifier", ClassifierBackend), ("embedding", EmbeddingBackend)):
-        grader = Grader(rubrics, cls(device=args.device))
+    def ungated():
+        # the classifier as it graded before the off-topic gate: what the gate costs, in this run
+        backend = ClassifierBackend(device=args.device)
+        backend.dodge_cosine = None
+        return backend
+
+    for kind, make in (("classifier", lambda: ClassifierBackend(device=args.device)),
+                       ("classifier, no off-topic gate", ungated),
+                       ("embedding", lambda: EmbeddingBackend(device=args.device))):
+        grader = Grader(rubrics, make())
         grader.grade(items[:2])
         t0 = time.perf_counter()
         grades = grader.grade(items, progress=progress)
