@@ -92,10 +92,10 @@ class EmbeddingBackend:
     def fingerprint(self) -> str:
         return f"embedding-v{METHOD_VERSION}:{self.name}:{json.dumps(self.head['w'])}:{self.head['b']}"
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
+    def embed(self, texts: Sequence[str], max_tokens: int | None = None) -> np.ndarray:
         """(N, D) unit vectors: mean of the last hidden states over real tokens, as the encoder
         was trained (sentence-transformers' pooling, done here in a few lines instead of adding
-        that package)."""
+        that package). Texts are cut at ``max_tokens`` (default: the backend's)."""
         torch = self.torch
         out = []
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
@@ -103,7 +103,7 @@ class EmbeddingBackend:
             for start in range(0, len(texts), self.batch_size):
                 idx = order[start:start + self.batch_size]
                 enc = self.tok([texts[i] for i in idx], padding=True, truncation=True,
-                               max_length=self.max_tokens, return_tensors="pt").to(self.device)
+                               max_length=max_tokens or self.max_tokens, return_tensors="pt").to(self.device)
                 hidden = self.model(**enc).last_hidden_state
                 mask = enc["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 vec = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
