@@ -42,9 +42,9 @@ def test_hold_refusal_raises_the_weight_of_a_class_that_stops_refusing(tmp_path,
                       hold_refusal={"unsafe": 0.9}))
 
 
-def test_the_shipped_ppo_config_validates_and_anchors_on_harmful_refusals():
-    # configs/ppo.yaml is what `make demo` runs: it must parse, and its PPO-ptx term must draw on
-    # the harmful demonstrations only, which are refusals.
+def test_the_shipped_ppo_config_validates_and_anchors_both_sides_of_the_refusal_line():
+    # configs/ppo.yaml is what `make demo` runs: it must parse; with refusal centring its PPO-ptx
+    # term must draw on refusals and answers alike (a refusals-only anchor slid runs towards refusing).
     from pathlib import Path
 
     from pipeline.evaluation.refusal_match import is_refusal
@@ -57,6 +57,6 @@ def test_the_shipped_ppo_config_validates_and_anchors_on_harmful_refusals():
     cfg = from_dict(data, "configs/ppo.yaml")
     cfg.validate()
     demos = ptx_conversations(cfg)
-    assert cfg.ptx_coef > 0 and cfg.ptx_classes == ["harmful"]
-    assert len(demos) >= 50
-    assert sum(is_refusal(m[-1]["content"]) for m in demos) / len(demos) > 0.9
+    assert cfg.refusal_centring == 1.0 and cfg.ptx_coef > 0 and cfg.ptx_classes == []
+    assert len(demos) >= 300
+    assert 0.15 < sum(is_refusal(m[-1]["content"]) for m in demos) / len(demos) < 0.6
