@@ -12,8 +12,10 @@ With every demonstration the term is mostly more SFT on the safe answers (61% of
 demonstrations), and in the demo it did not hold the harmful refusals. ``ptx_classes: [harmful]``
 keeps only the refusals: a steady push up on the refusal openings for harmful prompts, which the
 rollouts stop giving once nearly every reply refuses. At weight 1.0 it doubled the safe
-refusals; at 0.25 (the shipped config) no seed lost more than a quarter of its harmful
-validation refusals (docs/results.md).
+refusals; at 0.25 no seed lost more than a quarter of its harmful validation refusals. With
+``refusal_centring`` the rollouts no longer move the threshold, and that one-sided anchor slid
+every run towards refusing; the shipped config anchors on every demonstration at 0.25, which
+held both sides in three seeds (docs/results.md).
 
 TRL has no PPO trainer to take this from (its PPO loop was removed), so it lives here, written
 on :func:`pipeline.ppo.policy.response_forward`: the demonstration's earlier turns are the
