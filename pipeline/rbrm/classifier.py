@@ -408,9 +408,9 @@ def main(argv: list[str] | None = None) -> None:
     p_dodge = sub.add_parser("dodge", help="recompute the off-topic threshold of a fitted adapter from data/",
                              description="Set dodge_cosine in the adapter's training.json: the 1st percentile of "
                                          "request-reply cosine over data/'s labelled answers (seconds, no refit).")
-    p_dodge.add_argument("--data_dir", default="data")
-    p_dodge.add_argument("--out", default=str(ADAPTER_DIR))
-    p_dodge.add_argument("--cache_dir", default=None)
+    p_dodge.add_argument("--data_dir", default="data", help="the project's data folder (grader_train.jsonl and the rest)")
+    p_dodge.add_argument("--out", default=str(ADAPTER_DIR), help="the fitted adapter whose training.json is updated")
+    p_dodge.add_argument("--cache_dir", default=None, help="model cache (default: the project's)")
     args = parser.parse_args(argv)
     if args.cmd == "dodge":
         try:
