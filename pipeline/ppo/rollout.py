@@ -4,6 +4,7 @@ reference log-probs and values of one step (:func:`rollout`, :class:`Rollout`)."
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import random
 from typing import Any, Optional, Sequence
@@ -11,6 +12,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import nn
 
+from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
 from pipeline.ppo.config import PPOConfig
 from pipeline.ppo.policy import PolicyWithValueHead, response_forward
@@ -36,6 +38,11 @@ class Rollout:
     def empty(self) -> torch.Tensor:
         """(B,) bool: the response has no real token at all (all-zero mask)."""
         return self.response_mask.sum(1) == 0
+
+    @functools.cached_property
+    def refused(self) -> list[bool]:
+        """Per response: a refusal by string match, decided once for every use in the step."""
+        return [is_refusal(r) for r in self.responses]
 
 
 def response_mask_from_ids(response_ids: torch.Tensor, eos_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,7 +14,6 @@ from typing import Any, Callable, Optional, Sequence
 
 import torch
 
-from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.config import PPOConfig
 from pipeline.ppo.policy import response_forward
@@ -63,7 +62,7 @@ def advantages_from_scores(total: Sequence[float], ro: Rollout, cfg: PPOConfig, 
     if scale is not None:
         score = scale(score, ro.prompt_classes, scored, all_reduce=all_reduce)
     if cfg.refusal_centring > 0:
-        refused = torch.tensor([is_refusal(r) for r in ro.responses], device=score.device)
+        refused = torch.tensor(ro.refused, device=score.device)
         score = ppo_math.refusal_centre(score, refused, scored, cfg.refusal_centring, all_reduce=all_reduce)
     rewards, kl = ppo_math.per_token_rewards(score, ro.logprobs, ro.ref_logprobs, mask, kl_coef,
                                              cfg.kl_estimator)                         # (B, T) each

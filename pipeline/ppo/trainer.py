@@ -129,7 +129,7 @@ def hold_refusals(state, cfg: PPOConfig, ro, all_reduce) -> None:
     """Update the refusal-hold multipliers from this step's rollouts (string match, over every
     process) and fold them into the class weights the scores are scaled by."""
     held = sorted(state.hold.targets)
-    counts = validation.refusal_counts(ro.prompt_classes, ro.responses, held)    # (classes, 2)
+    counts = validation.count_refused(ro.prompt_classes, ro.refused, held)       # (classes, 2)
     if all_reduce is not None:
         counts = all_reduce(counts.to(ro.logprobs.device)).cpu()
     state.hold.update(dict(zip(held, counts[:, 0].tolist())), dict(zip(held, counts[:, 1].tolist())))
