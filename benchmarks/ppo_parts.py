@@ -14,6 +14,11 @@ of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
                  as the trainer's)
   update_foreach_adamw  ``ppo_update`` with torch's default AdamW, the optimizer the loop used
                  before it was fused
+  generate_scores  ``generate`` that also returns each step's logits and last hidden state,
+                 from which the policy's log-probs and values could be read instead of the
+                 rollout's policy forward; printed with that forward's time and how far the
+                 log-probs read from sampling stray from the forward's (the ratio PPO's first
+                 mini-batch would start from)
 
 It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
 time (goal <= 1.3x). ``--bf16 auto`` (the default) autocasts every part to bf16 where the
@@ -69,8 +74,9 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.data import read_rows
     from pipeline.models import encode_user_turns, load_causal_lm, load_tokenizer, resolve_model
     from pipeline.ppo import PPOConfig
-    from pipeline.ppo.policy import build_optimizer, build_policy
-    from pipeline.ppo.rollout import rollout
+    from pipeline.ppo.math import logprobs_from_logits
+    from pipeline.ppo.policy import build_optimizer, build_policy, response_forward
+    from pipeline.ppo.rollout import response_mask_from_ids, rollout
     from pipeline.ppo.step import ppo_update
     from pipeline.training import use_bf16
 
@@ -110,9 +116,32 @@ def main(argv: list[str] | None = None) -> dict:
         with amp():
             return rollout(policy, ref_lm, tokenizer, prompts, classes, cfg)
 
+    def generate_with_scores():
+        enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
+        with torch.no_grad(), amp():
+            return enc, policy.lm.generate(
+                **enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
+                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True,
+                output_hidden_states=True)
+
     gen_s, gen_tokens = timed(plain_generate, args.repeats)
+    scores_s, (enc, scored) = timed(generate_with_scores, args.repeats)
     roll_s, ro = timed(our_rollout, args.repeats)
     roll_tokens = int(ro.response_mask.sum())
+    # the policy's log-probs of the sampled tokens two ways: from sampling's own logits (KV cache,
+    # one position at a time) and from the one forward over prompt + response the rollout runs
+    response_ids = scored.sequences[:, enc["input_ids"].shape[1]:]
+    response_mask, _ = response_mask_from_ids(response_ids, [tokenizer.eos_token_id])
+    response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
+    from_sampling = logprobs_from_logits(torch.stack(scored.logits, 1).float() / cfg.temperature, response_ids)
+
+    def policy_forward():
+        with torch.no_grad(), amp():
+            return response_forward(policy, enc["input_ids"], enc["attention_mask"], response_ids, response_mask,
+                                    cfg.temperature)[0]
+    forward_s, from_forward = timed(policy_forward, args.repeats)
+    gap = (from_sampling - from_forward)[response_mask.bool()].abs()
     mask = ro.response_mask.float()
     advantages = torch.randn_like(mask) * mask
     returns = torch.randn_like(mask) * mask
@@ -145,6 +174,8 @@ def main(argv: list[str] | None = None) -> dict:
         "prompt_tokens": int(ro.query_mask.sum()), "prompt_columns": int(ro.query_ids.shape[1]),
         "generate": {"seconds": gen_s, "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen_s},
         "rollout": {"seconds": roll_s, "tokens": roll_tokens, "tokens_per_s": roll_tokens / roll_s},
+        "generate_scores": {"seconds": scores_s, "policy_forward_seconds": forward_s,
+                            "logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())},
         "update": {"seconds": update_s}, "update_foreach_adamw": {"seconds": foreach_s}, "floor": {"seconds": floor_s},
     }
     result["rollout_vs_generate"] = result["rollout"]["tokens_per_s"] / result["generate"]["tokens_per_s"]
@@ -156,6 +187,9 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
           f"plain generate {gen_s:6.2f} s  {result['generate']['tokens_per_s']:7.1f} tokens/s   "
           f"ratio {result['rollout_vs_generate']:.2f} (goal >= 0.90)")
+    print(f"generate with logits and hidden states {scores_s:6.2f} s (plain {gen_s:.2f} s); the rollout's policy "
+          f"forward it could replace {forward_s:.2f} s; log-prob gap sampling vs forward: mean {gap.mean():.4f}, "
+          f"max {gap.max():.4f} nats")
     print(f"update   {update_s:6.2f} s   floor (plain forward+backward+AdamW) {floor_s:6.2f} s   "
           f"ratio {result['update_vs_floor']:.2f}x (goal <= 1.30x)")
     print(f"update with torch's default (foreach) AdamW {foreach_s:6.2f} s: the fused optimizer takes "

@@ -50,7 +50,12 @@ def parts_rows(data: dict) -> list[list[str]]:
         ["PPO update vs plain training floor", f"{s['ppo_epochs']} epochs of mini-batches of {s['mini_batch_size']}",
          f"{data['update']['seconds']:.2f} s", f"{data['floor']['seconds']:.2f} s",
          f"{data['update_vs_floor']:.2f}x the time"],
-    ]
+    ] + ([[
+        "policy log-probs read from sampling (not used)", what,
+        f"+{alt['seconds'] - data['generate']['seconds']:.2f} s in generate",
+        f"{alt['policy_forward_seconds']:.2f} s policy forward",
+        f"log-prob gap mean {alt['logprob_gap_mean']:.4f}, max {alt['logprob_gap_max']:.4f} nats"]]
+        if (alt := data.get("generate_scores")) else [])
 
 
 READERS = {"grader_throughput.json": grader_rows, "ppo_step.json": ppo_rows, "ppo_parts.json": parts_rows}
