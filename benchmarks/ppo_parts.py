@@ -103,12 +103,16 @@ def main(argv: list[str] | None = None) -> dict:
     foreach_optimizer = build_optimizer(policy, 1e-7, fused=False)  # torch's default AdamW, the loop's before
     torch.manual_seed(args.seed)
 
-    def plain_generate():
+    def sample(**extra):
+        """Plain ``generate`` on the batch with the rollout's sampling settings -> (encoding, output)."""
         enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
         with torch.no_grad(), amp():
-            out = policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                                     max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
-                                     pad_token_id=tokenizer.pad_token_id)
+            return enc, policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
+                                           max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
+                                           pad_token_id=tokenizer.pad_token_id, **extra)
+
+    def plain_generate():
+        enc, out = sample()
         response = out[:, enc["input_ids"].shape[1]:]
         return int((response != tokenizer.pad_token_id).sum())
 
@@ -117,13 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
             return rollout(policy, ref_lm, tokenizer, prompts, classes, cfg)
 
     def generate_with_scores():
-        enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
-        with torch.no_grad(), amp():
-            return enc, policy.lm.generate(
-                **enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
-                max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
-                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True, output_logits=True,
-                output_hidden_states=True)
+        return sample(return_dict_in_generate=True, output_logits=True, output_hidden_states=True)
 
     gen_s, gen_tokens = timed(plain_generate, args.repeats)
     scores_s, (enc, scored) = timed(generate_with_scores, args.repeats)
