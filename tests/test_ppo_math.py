@@ -422,7 +422,7 @@ def test_refusal_centre_by_hand():
     close(refusal_centre(score, refused, scored, strength=0.5), [0.6, -1.4, 0.9, -1.1, 0.5, 5.0])
     close(refusal_centre(score, refused, scored, strength=0.0), score.tolist())
     # a second process holding one refusal scored -0.8 and no answer leaves the refusal mean at -0.8
-    other = torch.tensor([-0.8, 0.0, 1.0, 0.0], dtype=torch.float64)
+    other = torch.tensor([[-0.8, 0.0], [1.0, 0.0]], dtype=torch.float64)  # (sums, counts) x (refused, answered)
     close(refusal_centre(score, refused, scored, all_reduce=lambda s: s + other)[:2], [1.0, -1.0])
     with pytest.raises(ValueError, match="strength"):
         refusal_centre(score, refused, scored, strength=1.5)

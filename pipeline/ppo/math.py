@@ -498,6 +498,17 @@ class RunningMoments:
         self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
 
 
+def group_sums(values: torch.Tensor, groups: torch.Tensor, scored: torch.Tensor, n_groups: int,
+               all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+    """``(2, n_groups)`` float64: per group, the sum of ``values`` ``(B,)`` over the scored rows
+    whose ``groups`` ``(B,)`` index it holds, and how many there are; over every process when
+    ``all_reduce`` (a sum) is given."""
+    sums = torch.zeros(2, n_groups, dtype=torch.float64, device=values.device)
+    sums[0].index_add_(0, groups[scored], values[scored].to(torch.float64))
+    sums[1].index_add_(0, groups[scored], torch.ones_like(values[scored], dtype=torch.float64))
+    return all_reduce(sums) if all_reduce is not None else sums
+
+
 class ClassBaseline:
     """A baseline per prompt class: an exponential moving average of the class's scores.
 
@@ -526,11 +537,7 @@ class ClassBaseline:
                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """``(B,)`` scores -> ``(B,)`` scores less their class's baseline (unscored rows unchanged)."""
         index = torch.tensor([self.classes.index(c) for c in classes], dtype=torch.long, device=score.device)
-        sums = torch.zeros(2, len(self.classes), dtype=torch.float64, device=score.device)
-        sums[0].index_add_(0, index[scored], score[scored].to(torch.float64))
-        sums[1].index_add_(0, index[scored], torch.ones_like(score[scored], dtype=torch.float64))
-        if all_reduce is not None:
-            sums = all_reduce(sums)
+        sums = group_sums(score, index, scored, len(self.classes), all_reduce)
         batch_mean = {}
         for k, cls in enumerate(self.classes):
             if sums[1, k] > 0:
@@ -581,11 +588,7 @@ class ClassScale:
                  all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
         """``(B,)`` centred scores -> ``(B,)`` scores scaled per class (unscored rows unchanged)."""
         index = torch.tensor([self.classes.index(c) for c in classes], dtype=torch.long, device=centred.device)
-        sums = torch.zeros(2, len(self.classes), dtype=torch.float64, device=centred.device)
-        sums[0].index_add_(0, index[scored], centred[scored].to(torch.float64) ** 2)
-        sums[1].index_add_(0, index[scored], torch.ones_like(centred[scored], dtype=torch.float64))
-        if all_reduce is not None:
-            sums = all_reduce(sums)
+        sums = group_sums(centred.to(torch.float64) ** 2, index, scored, len(self.classes), all_reduce)
         for k, cls in enumerate(self.classes):
             if sums[1, k] > 0:
                 m = float(sums[0, k] / sums[1, k])
@@ -723,14 +726,8 @@ def refusal_centre(score: torch.Tensor, refused: torch.Tensor, scored: torch.Ten
     """
     if not 0.0 <= strength <= 1.0:
         raise ValueError(f"strength must be in [0, 1], got {strength}")
-    refused = refused.to(torch.bool) & scored
-    answered = ~refused & scored
-    sums = torch.stack([torch.where(g, score, torch.zeros_like(score)).sum().to(torch.float64)
-                        for g in (refused, answered)] +
-                       [g.sum().to(torch.float64) for g in (refused, answered)])
-    if all_reduce is not None:
-        sums = all_reduce(sums)
-    means = [float(sums[k] / sums[k + 2]) if sums[k + 2] > 0 else 0.0 for k in range(2)]
-    shift = torch.where(refused, torch.full_like(score, means[0]),
-                        torch.where(answered, torch.full_like(score, means[1]), torch.zeros_like(score)))
+    group = (~refused.to(torch.bool)).long()                       # 0 refused, 1 answered
+    sums = group_sums(score, group, scored, 2, all_reduce)
+    means = torch.where(sums[1] > 0, sums[0] / sums[1].clamp(min=1), torch.zeros_like(sums[0]))
+    shift = torch.where(scored, means[group].to(score.dtype), torch.zeros_like(score))
     return score - strength * shift
