@@ -16,6 +16,17 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+@pytest.fixture()
+def one_torch_thread():
+    """One torch thread for the test (tiny models run faster on one), the previous count after."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def model_cache() -> Path:
     """The project's model cache (provisioning it once is part of what the tests check)."""

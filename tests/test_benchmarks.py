@@ -3,7 +3,6 @@
 import importlib.util
 
 import pytest
-import torch
 
 from conftest import REPO
 
@@ -16,8 +15,8 @@ def ppo_parts():
     return module
 
 
-def test_ppo_parts_log_probs_from_sampling_equal_the_rollout_forward_in_fp32(ppo_parts, tiny_model_dir, tmp_path):
-    torch.set_num_threads(1)
+def test_ppo_parts_log_probs_from_sampling_equal_the_rollout_forward_in_fp32(ppo_parts, tiny_model_dir, tmp_path,
+                                                                            one_torch_thread):
     out = tmp_path / "parts.json"
     result = ppo_parts.main(["--model", str(tiny_model_dir), "--repeats", "1", "--bf16", "off", "--batch-size", "4",
                              "--mini-batch-size", "2", "--ppo-epochs", "1", "--max-new-tokens", "8",

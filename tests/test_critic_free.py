@@ -15,8 +15,8 @@ from pipeline.rewards import ContainsSource, RewardComposer, RewardSource, promp
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
+def _one_thread(one_torch_thread):
+    pass
 
 
 def _cfg(tmp_path, model, **kw):
