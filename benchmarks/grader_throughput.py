@@ -9,7 +9,8 @@ rubric input and the same batch size:
             per pair, greedy ``model.generate`` with left padding, then the first standalone
             A/B/C/D letter in the reply; a reply without one counts as "no answer".
 
-The default grader backend (``classifier``, also without its off-topic gate) and the
+The default grader backend (``classifier``, also without its harm probe and without its
+off-topic gate) and the
 ``embedding`` backend grade the same pairs too, with the shipped rubrics; their examples/second are printed against the log-prob read-out's,
 timed in the same run.
 
@@ -218,6 +219,7 @@ def grade_encoders(pairs, args, t_logprob: float, progress: bool) -> dict:
         return backend
 
     for kind, make in (("classifier", lambda: ClassifierBackend(device=args.device)),
+                       ("classifier, no harm probe", lambda: ClassifierBackend(device=args.device, harm_probe=False)),
                        ("classifier, no off-topic gate", ungated),
                        ("embedding", lambda: EmbeddingBackend(device=args.device))):
         grader = Grader(rubrics, make())
