@@ -209,8 +209,10 @@ def test_replies_unlikely_to_refuse_skip_the_style_split_at_a_bounded_cost(shipp
     rows = _check_rows()
     items = [GradeItem(r["response"], r["prompt"], "harmful") for r in rows[:40]]
     probs, _ = backend.category_probs(rubric, "harmful", items)
-    p_refuse, p_harm = (1 / (1 + np.exp(-backend.question_logits(items)))).T
+    logits = backend.question_logits(items)
+    p_refuse = 1 / (1 + np.exp(-logits[:, 0]))
     p_refuse = 1 - (1 - p_refuse) * (1 - backend.p_dodge(items, p_refuse))
+    p_harm = backend.p_harm(items, p_refuse, logits[:, 1])
     p_a = 1 / (1 + np.exp(-backend.features(rubric, items)["a_vs_b"]))
     full = np.stack([p_refuse * p_a, p_refuse * (1 - p_a), (1 - p_refuse) * p_harm, (1 - p_refuse) * (1 - p_harm)], -1)
     assert (p_refuse < STYLE_MIN_P_REFUSE).any() and (p_refuse >= STYLE_MIN_P_REFUSE).any()  # both paths taken

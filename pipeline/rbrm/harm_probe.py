@@ -34,7 +34,7 @@ BATCH_SIZE = 16
 class HarmProbe:
     """``logits(prompts, responses)``: (N,) log-odds that each reply is harmful."""
 
-    def __init__(self, spec: dict, cache_dir: str | None = None, device: str = "cpu",
+    def __init__(self, spec: dict, cache_dir: str | None = None, device="cpu",
                  batch_size: int = BATCH_SIZE, source: str = PROBE_FILE):
         for key in ("model", "layer", "w", "b"):
             if key not in spec:
@@ -77,6 +77,7 @@ class ProbeEncoder:
         from pipeline.models import load_tokenizer, resolve_model
         from pipeline.training import bf16_available
 
+        device = str(device)  # a torch.device works too
         path = resolve_model(model, cache_dir)
         self.tok = load_tokenizer(path)
         self.model = AutoModel.from_pretrained(path).to(device).eval()
