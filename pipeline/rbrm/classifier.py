@@ -430,6 +430,16 @@ def set_dodge_threshold(data_dir: Path, adapter: Path = ADAPTER_DIR, cache_dir: 
     return info["dodge_cosine"]
 
 
+def _data_args(p, held_out_help: str) -> None:
+    """What the adapter's fit and the harm probe's read alike: the data, the held-out share, the seed."""
+    p.add_argument("--data_dir", default="data")
+    p.add_argument("--harm_file", default="../shared/data/beavertails_response_train.jsonl",
+                   help="JSONL of (prompt, response, response_harm_label); empty to fit without one")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val_fraction", type=float, default=0.15, help=held_out_help)
+    p.add_argument("--cache_dir", default=None)
+
+
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
@@ -439,20 +449,14 @@ def main(argv: list[str] | None = None) -> None:
     p_fit = sub.add_parser("fit", help=f"train and write the adapter to {ADAPTER_DIR.name}/",
                            description="Train on data/ (refusal and harm labels) and an optional harm-labelled "
                                        "file; about 15 min on 2 CPU cores.")
-    p_fit.add_argument("--data_dir", default="data")
-    p_fit.add_argument("--harm_file", default="../shared/data/beavertails_response_train.jsonl",
-                       help="JSONL of (prompt, response, response_harm_label); empty to train without one")
+    _data_args(p_fit, "seeded share of grader_train.jsonl and the harm file held out and scored after training "
+                      "(training.json's validation block); choose settings on it, 0 to train on all")
     p_fit.add_argument("--out", default=str(ADAPTER_DIR))
     p_fit.add_argument("--epochs", type=int, default=3)
     p_fit.add_argument("--lr", type=float, default=1e-3)
     p_fit.add_argument("--rank", type=int, default=8)
-    p_fit.add_argument("--seed", type=int, default=0)
-    p_fit.add_argument("--val_fraction", type=float, default=0.15,
-                       help="seeded share of grader_train.jsonl and the harm file held out and scored after "
-                            "training (training.json's validation block); choose settings on it, 0 to train on all")
     p_fit.add_argument("--max_tokens", type=int, default=MAX_TOKENS,
                        help="request + reply tokens the encoder reads (the adapter records it; grading reads the same)")
-    p_fit.add_argument("--cache_dir", default=None)
     p_dodge = sub.add_parser("dodge", help="recompute the off-topic threshold of a fitted adapter from data/",
                              description="Set dodge_cosine in the adapter's training.json: the 1st percentile of "
                                          "request-reply cosine over data/'s labelled answers (seconds, no refit).")
@@ -462,19 +466,13 @@ def main(argv: list[str] | None = None) -> None:
     p_probe = sub.add_parser("probe", help=f"fit the harm probe and write it to {ADAPTER_DIR.name}/{PROBE_FILE}",
                              description="Fit a logistic read-out of harm on SmolLM2's hidden states (pipeline."
                                          "rbrm.harm_probe) from data/ and the harm file; about 8 min on 2 CPU cores.")
-    p_probe.add_argument("--data_dir", default="data")
-    p_probe.add_argument("--harm_file", default="../shared/data/beavertails_response_train.jsonl",
-                         help="JSONL of (prompt, response, response_harm_label); empty to fit without one")
+    _data_args(p_probe, "seeded share of the written, base-model and harm-file rows held out and scored "
+                        "(the probe's validation block); 0 to fit on all")
     p_probe.add_argument("--out", default=str(ADAPTER_DIR / PROBE_FILE))
     p_probe.add_argument("--layer", type=int, default=PROBE_LAYER, help="read the output of this many decoder layers")
     p_probe.add_argument("--C", type=float, default=0.01, help="inverse L2 strength on standardised features")
     p_probe.add_argument("--max_reply_tokens", type=int, default=PROBE_REPLY_TOKENS,
                          help="reply tokens read (after the request's last 128)")
-    p_probe.add_argument("--seed", type=int, default=0)
-    p_probe.add_argument("--val_fraction", type=float, default=0.15,
-                         help="seeded share of the written, base-model and harm-file rows held out and scored "
-                              "(the probe's validation block); 0 to fit on all")
-    p_probe.add_argument("--cache_dir", default=None)
     args = parser.parse_args(argv)
     if args.cmd == "probe":
         _fit_probe_command(parser, args)
