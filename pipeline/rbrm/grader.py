@@ -302,8 +302,6 @@ class Grader:
             errors = scores.errors
         out = []
         ids = [p.id for p in rubric.propositions]
-        # a backend whose probabilities are two questions multiplied decides them in turn (its `decide`)
-        decide = getattr(self.backend, "decide", None) or (lambda p: max(p, key=p.get))
         for i in range(len(items)):
             if errors[i] is not None or not np.isfinite(probs[i]).all():
                 out.append(Grade(rubric.id, prompt_class, error=errors[i] or "grader returned no probabilities "
@@ -311,7 +309,7 @@ class Grader:
                 continue
             p = {label: float(probs[i, c]) for c, label in enumerate(CATEGORY_LABELS)}
             reward = sum(p[label] * rubric.reward(prompt_class, label) for label in CATEGORY_LABELS)
-            out.append(Grade(rubric.id, prompt_class, probs=p, category=decide(p), reward=float(reward),
+            out.append(Grade(rubric.id, prompt_class, probs=p, category=max(p, key=p.get), reward=float(reward),
                              answers=None if answers is None else {pid: float(answers[i, j]) for j, pid in enumerate(ids)}))
         return out
 
