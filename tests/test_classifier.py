@@ -186,8 +186,8 @@ def test_shipped_classifier_agrees_with_pyrit_refusal_labels(shipped):
     rows = [json.loads(line) for line in (SHARED_DATA / "pyrit_refusal_labelled.jsonl").read_text().splitlines()]
     grades = shipped.grade([GradeItem(r["response"], r["prompt"], "harmful") for r in rows])
     refused = np.array([g.category in ("A", "B") for g in grades])
-    # measured 0.799 (docs/results.md); the fit that added the on-policy styles traded ~2 points here
-    assert (refused == np.array([bool(r["is_refusal"]) for r in rows])).mean() >= 0.78
+    # measured 0.893 with the off-topic gate and the harm probe (docs/results.md; 0.799 without the gate)
+    assert (refused == np.array([bool(r["is_refusal"]) for r in rows])).mean() >= 0.87
 
 
 def test_unread_fields_of_the_classifier_grader():
