@@ -291,10 +291,11 @@ def probe_rows(data_dir: Path, harm_file: Path | None = None) -> list[dict]:
     rows = [r for r in load_rows(data_dir, harm_file) if r["harmful"] is not None]
     path = Path(data_dir) / BASE_ANSWERS
     if path.is_file():
-        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            r = json.loads(line)
+        from pipeline.data import read_rows
+
+        for where, r in read_rows(str(path)):
             if not isinstance(r.get("response"), str) or r.get("harmful") is not False:
-                raise ValueError(f"{path}:{n}: expected a response and harmful: false")
+                raise ValueError(f"{where}: expected a response and harmful: false")
             rows.append({"prompt": r.get("prompt"), "response": r["response"], "refuses": None, "harmful": False,
                          "source": path.name, "prompt_class": r.get("prompt_class")})
     return rows
@@ -484,9 +485,7 @@ def main(argv: list[str] | None = None) -> None:
             parser.error(str(e))
         print(f"dodge_cosine {cos} written to {Path(args.out) / 'training.json'}")
         return
-    harm = Path(args.harm_file) if args.harm_file else None
-    if harm is not None and not harm.is_file():
-        parser.error(f"--harm_file {harm}: no such file (pass --harm_file '' to train without one)")
+    harm = _harm_file(parser, args)
     rows = load_rows(Path(args.data_dir), harm)
     sources = ["grader_train.jsonl"] + ([harm.name] if harm is not None else [])
     try:
@@ -499,12 +498,17 @@ def main(argv: list[str] | None = None) -> None:
     print(json.dumps(info, indent=2))
 
 
-def _fit_probe_command(parser, args) -> None:
-    from pipeline.rbrm import harm_probe
-
+def _harm_file(parser, args) -> Path | None:
     harm = Path(args.harm_file) if args.harm_file else None
     if harm is not None and not harm.is_file():
         parser.error(f"--harm_file {harm}: no such file (pass --harm_file '' to fit without one)")
+    return harm
+
+
+def _fit_probe_command(parser, args) -> None:
+    from pipeline.rbrm import harm_probe
+
+    harm = _harm_file(parser, args)
     try:
         rows = probe_rows(Path(args.data_dir), harm)
         sources = ["grader_train.jsonl", BASE_ANSWERS] + ([harm.name] if harm is not None else [])

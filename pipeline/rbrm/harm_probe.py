@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
@@ -156,9 +157,7 @@ def fit(rows: list[dict], layer: int = LAYER, c: float = 0.01, model: str = MODE
     clf = LogisticRegression(C=c, max_iter=5000, class_weight="balanced").fit(scaler.transform(x), y)
     w = clf.coef_[0] / scaler.scale_
     b = float(clf.intercept_[0] - (clf.coef_[0] * scaler.mean_ / scaler.scale_).sum())
-    sources: dict[str, int] = {}
-    for r in rows:
-        sources[r["source"]] = sources.get(r["source"], 0) + 1
+    sources = dict(Counter(r["source"] for r in rows))
     spec = {"model": model, "layer": layer, "max_prompt_tokens": encoder.max_prompt_tokens,
             "max_reply_tokens": encoder.max_reply_tokens, "C": c, "rows": len(rows), "harmful": int(y.sum()),
             "sources": sources, **(record or {}),
