@@ -396,3 +396,57 @@ def test_seeded_tiny_run_reproduces_the_pinned_history(tmp_path, tiny_model_dir)
     # 1% / 1e-3: a full test session leaves the step-1 log-probs of policy and reference 1e-4 apart
     # on some CPUs (KL 5e-4 at step 1); a change to the PPO math moves these figures far more
     assert np.allclose(got, PINNED_HISTORY, rtol=1e-2, atol=1e-3), got
+
+
+def test_weight_average_by_hand_and_applied_only_inside_its_block():
+    layer = torch.nn.Linear(2, 1)
+    layer.bias.requires_grad_(False)             # frozen weights are not averaged
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[1.0, 2.0]]))
+    average = ppo_policy.WeightAverage(layer, decay=0.75)
+    assert len(average.params) == 1
+    with torch.no_grad():
+        layer.weight.copy_(torch.tensor([[5.0, -2.0]]))
+    average.update()                             # 0.75 * start + 0.25 * now
+    assert average.average[0].tolist() == [[2.0, 1.0]]
+    average.update()
+    assert average.average[0].tolist() == [[2.75, 0.25]]
+    with average.applied():
+        assert layer.weight.tolist() == [[2.75, 0.25]]
+    assert layer.weight.tolist() == [[5.0, -2.0]]
+    restored = ppo_policy.WeightAverage(layer, decay=0.75)
+    restored.load_state_dict(average.state_dict())
+    assert restored.average[0].tolist() == [[2.75, 0.25]]
+    with pytest.raises(ValueError, match="do not match"):
+        restored.load_state_dict({"average": [torch.zeros(3)]})
+    with pytest.raises(ValueError, match="decay"):
+        ppo_policy.WeightAverage(layer, decay=1.0)
+
+
+def test_config_rejects_a_weight_average_decay_outside_0_1(tmp_path, tiny_model_dir):
+    with pytest.raises(config_lib.ConfigError, match="weight_average"):
+        _cfg(tmp_path, tiny_model_dir, weight_average=1.0)
+
+
+@pytest.mark.slow
+def test_weight_average_is_what_validation_reads_and_model_holds(tmp_path, tiny_model_dir):
+    # The run trains (the live weights move) but with a decay this close to 1 the
+    # average stays at the starting weights: model/ and every validation check must show them.
+    prompts = write_jsonl(tmp_path / "prompts.jsonl", [
+        {"prompt": f"Question {i}: say something.", "prompt_class": c, "split": "train"}
+        for i in range(10) for c in ("harmful", "safe")])
+    start = load_causal_lm(str(tiny_model_dir)).state_dict()
+    runs_ = {}
+    for name, decay in (("live", 0.0), ("averaged", 1 - 1e-7)):
+        cfg = _cfg(tmp_path, tiny_model_dir, prompts=str(prompts), output_dir=str(tmp_path / name), max_steps=4,
+                   batch_size=4, mini_batch_size=2, learning_rate=1e-2, max_new_tokens=4, sample_every=0,
+                   val_fraction=0.4, val_every=2, val_max_new_tokens=4, weight_average=decay)
+        ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
+        runs_[name] = load_causal_lm(str(tmp_path / name / "model")).state_dict()
+    moved = [k for k in start if not torch.equal(start[k], runs_["live"][k])]
+    assert moved, "the live policy should have moved"
+    for k in moved:
+        assert torch.allclose(runs_["averaged"][k], start[k], atol=1e-5), k
+    replies = [json.loads(line) for line in (tmp_path / "averaged" / "validation_replies.jsonl").read_text().splitlines()]
+    by_step = {r["step"]: [p["reply"] for p in r["prompts"]] for r in replies}
+    assert sorted(by_step) == [0, 2, 4] and all(v == by_step[0] for v in by_step.values())

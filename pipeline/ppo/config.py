@@ -181,6 +181,10 @@ class PPOConfig(PolicyTrainingConfig):
     max_over_refusal: float = field(0.05, help="select: best: the over-refusal budget, a share of safe validation prompts")
     select_window: int = field(1, help="select: f1: score a validated step by the mean F1 of its last N checks (itself "
                                        "and the N-1 before it), so one lucky check does not decide; 1 = its own F1")
+    weight_average: float = field(0.0, help="decay of an exponential moving average of the policy's weights, updated "
+                                            "after every step; validation, selection and model/ use the average "
+                                            "while rollouts sample from the live weights (e.g. 0.9: about the last "
+                                            "10 steps); 0 = off")
     keep_validated: bool = field(False, help="also save every validated policy to validated/step-N (~0.5 GB each for "
                                              "SmolLM2-135M), to evaluate the step another selection rule would keep")
     ptx_coef: float = field(0.0, help="weight of the demonstrations' negative log-likelihood added to each update "
@@ -250,6 +254,8 @@ class PPOConfig(PolicyTrainingConfig):
             raise ConfigError("key 'ptx_data': ptx_coef > 0 needs demonstrations (e.g. data/sft.jsonl)")
         if self.critic not in CRITICS:
             raise ConfigError(f"key 'critic': expected one of {', '.join(CRITICS)}, got {self.critic!r}")
+        if not 0 <= self.weight_average < 1:
+            raise ConfigError(f"key 'weight_average': expected a decay in [0, 1) (0 = off), got {self.weight_average}")
 
 
 @dataclasses.dataclass

@@ -3,6 +3,7 @@ forward pass that gives the log-probs (and values) of a response given its promp
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from pathlib import Path
 from typing import Optional
@@ -52,6 +53,52 @@ def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Op
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
     policy = PolicyWithValueHead(lm).eval()  # eval: no dropout anywhere in PPO
     return policy, ref_lm
+
+
+class WeightAverage:
+    """An exponential moving average of a module's trainable weights (Polyak averaging).
+
+    PPO on a few replies a step makes the policy's refusal line swing from step to step; the
+    average keeps what the steps agree on and damps the swing. Rollouts keep sampling from the
+    live weights; :meth:`applied` puts the average in their place for validation and saving.
+    Written here rather than with ``torch.optim.swa_utils.AveragedModel``, which deep-copies the
+    whole module (with LoRA, the frozen base as well) and would need every caller to be handed
+    the copy; this keeps one fp32 copy of the trainable tensors only.
+    """
+
+    def __init__(self, module: nn.Module, decay: float):
+        if not 0 < decay < 1:
+            raise ValueError(f"decay: expected a number in (0, 1), got {decay}")
+        self.decay = decay
+        self.params = [p for p in module.parameters() if p.requires_grad]
+        self.average = [p.detach().float().clone() for p in self.params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """average <- decay * average + (1 - decay) * weights."""
+        torch._foreach_lerp_(self.average, [p.detach().float() for p in self.params], 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def applied(self):
+        """The module's trainable weights are the average inside the block and exactly the live
+        weights again after it."""
+        live = [p.detach().clone() for p in self.params]
+        try:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, self.average)
+            yield
+        finally:
+            with torch.no_grad():
+                torch._foreach_copy_(self.params, live)
+
+    def state_dict(self) -> dict:
+        return {"decay": self.decay, "average": [a.clone() for a in self.average]}
+
+    def load_state_dict(self, state: dict) -> None:
+        average = state["average"]
+        if len(average) != len(self.average) or any(a.shape != b.shape for a, b in zip(average, self.average)):
+            raise ValueError("weight average: the checkpoint's tensors do not match this policy's trainable weights")
+        self.average = [a.float().clone() for a in average]
 
 
 def build_optimizer(policy: nn.Module, lr: float, weight_decay: float = 0.0, fused: bool = True) -> torch.optim.Optimizer:

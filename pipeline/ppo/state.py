@@ -30,6 +30,7 @@ class TrainerState:
     baseline: Optional[ppo_math.ClassBaseline]    # per-class moving averages of the scores
     scale: Optional[ppo_math.ClassScale]          # per-class moving spreads of the centred scores
     hold: Optional[ppo_math.RefusalHold] = None   # per-class multipliers that hold refusal shares
+    average: Any = None                           # weight_average: the policy's WeightAverage
     step: int = 0                                 # the last finished step
     totals: dict[str, int] = dataclasses.field(default_factory=_totals)  # responses skipped, empty, ...
 
@@ -42,6 +43,7 @@ class TrainerState:
             "class_baseline": self.baseline.state_dict() if self.baseline is not None else None,
             "class_scale": self.scale.state_dict() if self.scale is not None else None,
             "refusal_hold": self.hold.state_dict() if self.hold is not None else None,
+            "weight_average": self.average.state_dict() if self.average is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -58,3 +60,5 @@ class TrainerState:
             self.scale.load_state_dict(state["class_scale"])
         if self.hold is not None and state.get("refusal_hold") is not None:
             self.hold.load_state_dict(state["refusal_hold"])
+        if self.average is not None and state.get("weight_average") is not None:
+            self.average.load_state_dict(state["weight_average"])

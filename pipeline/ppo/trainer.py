@@ -6,6 +6,7 @@ Every piece lives in its own module (see :mod:`pipeline.ppo`); this file only wi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -26,7 +27,7 @@ from pipeline.ppo import checkpoint, logs, validation
 from pipeline.ppo import math as ppo_math
 from pipeline.ppo.common import STAGE, load_train_prompts, rbrm_classes
 from pipeline.ppo.config import PolicyTrainingConfig, PPOConfig
-from pipeline.ppo.policy import build_optimizer, build_policy, save_policy
+from pipeline.ppo.policy import WeightAverage, build_optimizer, build_policy, save_policy
 from pipeline.ppo.ptx import Demonstrations
 from pipeline.ppo.rollout import PromptSchedule, rollout
 from pipeline.ppo.state import TrainerState
@@ -82,7 +83,7 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
     acc, state = run.accelerator, run.state
     history = resume(run) if state.step else []
     if run.validator is not None and state.step == 0:
-        run.validator(run.policy.lm, 0)   # the starting model: the baseline, and a candidate
+        validate(run, 0)   # the starting model: the baseline, and a candidate
     per_prompt = cfg.num_generations
     bar = tqdm(range(state.step + 1, cfg.max_steps + 1), desc="ppo", disable=not run.is_main, dynamic_ncols=True,
                initial=state.step, total=cfg.max_steps)
@@ -105,6 +106,8 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
             run.demos.reseed(step, acc.process_index)
         loss_stats = ppo_update(run.model, run.optimizer, acc, ro, rec.mask, rec.advantages, rec.returns, cfg,
                                 state.shuffle, run.amp, run.demos)
+        if state.average is not None:
+            state.average.update()
         metrics = step_metrics(run, step, ro, rec, info, lr, loss_stats)
         metrics.update({"time/step_s": time.perf_counter() - start, "time/rollout_s": rolled - start,
                         "time/reward_s": scored_at - rolled, "time/update_s": time.perf_counter() - scored_at})
@@ -118,11 +121,22 @@ def main(cfg: PolicyTrainingConfig, reward_composer=None) -> dict:
             if cfg.sample_every and step % cfg.sample_every == 0:
                 logs.write_samples(run.out, step, ro, total, info, rec.kl.sum(1))
         if run.validator is not None and (step % cfg.val_every == 0 or step == cfg.max_steps):
-            run.validator(run.policy.lm, step)
+            validate(run, step)
         if cfg.save_steps and step % cfg.save_steps == 0 and step < cfg.max_steps:
             checkpoint.save_checkpoint(acc, cfg, step, state.state_dict())
     bar.close()
     return finish(run, history)
+
+
+def averaged(run: Run):
+    """A block in which the policy's weights are the weight average (weight_average > 0)."""
+    return run.state.average.applied() if run.state.average is not None else contextlib.nullcontext()
+
+
+def validate(run: Run, step: int) -> None:
+    """Validate (and, when kept, save) the policy that model/ would be: the weight average when on."""
+    with averaged(run):
+        run.validator(run.policy.lm, step)
 
 
 def hold_refusals(state, cfg: PPOConfig, ro, all_reduce) -> None:
@@ -246,8 +260,9 @@ def setup(cfg: PPOConfig, reward_composer=None):
         # reward normalisation statistics over every process's responses, not just this one's
         composer.gather = lambda a: accelerator.gather(
             torch.as_tensor(a, dtype=torch.float64, device=accelerator.device)).cpu().numpy()
-    state = TrainerState(kl_ctl, schedule, shuffle, composer, baseline, scale, hold=hold)
     unwrapped = accelerator.unwrap_model(model)
+    average = WeightAverage(unwrapped.lm, cfg.weight_average) if cfg.weight_average else None
+    state = TrainerState(kl_ctl, schedule, shuffle, composer, baseline, scale, hold=hold, average=average)
     # A resumed run starts from the policy in best/, even one validated after the checkpoint it
     # resumes from (steps now being redone): it is a real, validated policy of this run.
     selector = validation.Selector(cfg.max_over_refusal, validation.load_best(out / checkpoint.BEST_DIR),
@@ -347,7 +362,8 @@ def finish(run: Run, history: list[dict[str, float]]) -> dict:
             runs.publish_dir(out / checkpoint.BEST_DIR, final)
         else:
             staging = runs.staging_dir(cfg.output_dir)
-            save_policy(run.policy, run.tokenizer, staging, merge=cfg.lora)
+            with averaged(run):
+                save_policy(run.policy, run.tokenizer, staging, merge=cfg.lora, keep_training=True)
             runs.publish_dir(staging, final)
     acc.wait_for_everyone()
     if run.trackers:
