@@ -49,16 +49,18 @@ def _history(run):
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dir):
-    straight = _config(tmp_path, tiny_model_dir, "straight")
+# weight_average: model/ is the average, which must come back from the checkpoint as well
+@pytest.mark.parametrize("settings", [{}, {"weight_average": 0.5}], ids=["live", "weight_average"])
+def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, settings):
+    straight = _config(tmp_path, tiny_model_dir, "straight", **settings)
     _run(straight)
-    killed = _config(tmp_path, tiny_model_dir, "killed")
+    killed = _config(tmp_path, tiny_model_dir, "killed", **settings)
     _run(killed, "--kill-at", "4", expect_kill=True)   # killed while scoring step 4
     run = tmp_path / "killed"
     assert [s for s, _ in ppo_checkpoint.list_checkpoints(run)] == [2]
     assert not (run / "model").exists()
 
-    _run(_config(tmp_path, tiny_model_dir, "killed", resume=True))
+    _run(_config(tmp_path, tiny_model_dir, "killed", resume=True, **settings))
     a = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     b = load_file(run / "model" / "model.safetensors")
     assert a.keys() == b.keys()
