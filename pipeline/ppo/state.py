@@ -12,6 +12,7 @@ from typing import Any, Optional, Union
 import torch
 
 from pipeline.ppo import math as ppo_math
+from pipeline.ppo.policy import WeightAverage
 from pipeline.ppo.rollout import PromptSchedule
 
 KLController = Union[ppo_math.FixedKLController, ppo_math.AdaptiveKLController]
@@ -30,7 +31,7 @@ class TrainerState:
     baseline: Optional[ppo_math.ClassBaseline]    # per-class moving averages of the scores
     scale: Optional[ppo_math.ClassScale]          # per-class moving spreads of the centred scores
     hold: Optional[ppo_math.RefusalHold] = None   # per-class multipliers that hold refusal shares
-    average: Any = None                           # weight_average: the policy's WeightAverage
+    average: Optional[WeightAverage] = None       # weight_average: the validated and published weights
     step: int = 0                                 # the last finished step
     totals: dict[str, int] = dataclasses.field(default_factory=_totals)  # responses skipped, empty, ...
 
