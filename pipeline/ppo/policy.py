@@ -92,7 +92,7 @@ class WeightAverage:
                 torch._foreach_copy_(self.params, live)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "average": [a.clone() for a in self.average]}
+        return {"average": [a.clone() for a in self.average]}
 
     def load_state_dict(self, state: dict) -> None:
         average = state["average"]

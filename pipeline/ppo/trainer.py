@@ -363,7 +363,9 @@ def finish(run: Run, history: list[dict[str, float]]) -> dict:
         else:
             staging = runs.staging_dir(cfg.output_dir)
             with averaged(run):
-                save_policy(run.policy, run.tokenizer, staging, merge=cfg.lora, keep_training=True)
+                # merging unloads the adapters, which the average's restore writes back into
+                save_policy(run.policy, run.tokenizer, staging, merge=cfg.lora,
+                            keep_training=run.state.average is not None)
             runs.publish_dir(staging, final)
     acc.wait_for_everyone()
     if run.trackers:

@@ -51,6 +51,7 @@ from typing import Sequence
 
 import numpy as np
 
+from pipeline.data import read_rows
 from pipeline.rbrm.embedding import EmbeddingBackend, training_rows
 from pipeline.rbrm.harm_probe import LAYER as PROBE_LAYER
 from pipeline.rbrm.harm_probe import MAX_REPLY_TOKENS as PROBE_REPLY_TOKENS
@@ -291,8 +292,6 @@ def probe_rows(data_dir: Path, harm_file: Path | None = None) -> list[dict]:
     rows = [r for r in load_rows(data_dir, harm_file) if r["harmful"] is not None]
     path = Path(data_dir) / BASE_ANSWERS
     if path.is_file():
-        from pipeline.data import read_rows
-
         for where, r in read_rows(str(path)):
             if not isinstance(r.get("response"), str) or r.get("harmful") is not False:
                 raise ValueError(f"{where}: expected a response and harmful: false")
