@@ -19,6 +19,9 @@ of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
                  rollout's policy forward; printed with that forward's time and how far the
                  log-probs read from sampling stray from the forward's (the ratio PPO's first
                  mini-batch would start from)
+  generate_unfolded  with ``--lora``: plain ``generate`` with the adapters applied as separate
+                 matmuls, against ``generate`` with them folded into the weights (how the
+                 rollout and validation sample, ``pipeline.ppo.policy.adapters_folded``)
 
 It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
 time (goal <= 1.3x). ``--bf16 auto`` (the default) autocasts every part to bf16 where the
@@ -27,11 +30,13 @@ repository root (threads: ``OMP_NUM_THREADS``):
 
     .venv/bin/python benchmarks/ppo_parts.py --model runs/sft --repeats 3
     .venv/bin/python benchmarks/ppo_parts.py --json runs/bench/ppo_parts.json
+    .venv/bin/python benchmarks/ppo_parts.py --model runs/sft --lora
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -65,6 +70,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bf16", choices=["auto", "on", "off"], default="auto",
                         help="bf16 autocast for every part: auto = where the trainer uses it (bf16: null)")
+    parser.add_argument("--lora", action="store_true",
+                        help="train LoRA adapters (rank 16, every linear layer), as lora: true does, and time "
+                             "sampling with the adapters folded into the weights against unfolded")
     parser.add_argument("--json", default=None, help="also write the figures here")
     args = parser.parse_args(argv)
 
@@ -75,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.models import encode_user_turns, load_causal_lm, load_tokenizer, resolve_model
     from pipeline.ppo import PPOConfig
     from pipeline.ppo.math import logprobs_from_logits
-    from pipeline.ppo.policy import build_optimizer, build_policy, response_forward
+    from pipeline.ppo.policy import adapters_folded, build_optimizer, build_policy, response_forward
     from pipeline.ppo.rollout import response_mask_from_ids, rollout
     from pipeline.ppo.step import ppo_update
     from pipeline.training import use_bf16
@@ -90,7 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = PPOConfig(model=str(path), prompts="data/prompts.jsonl", output_dir="unused", batch_size=args.batch_size,
                     mini_batch_size=args.mini_batch_size, ppo_epochs=args.ppo_epochs,
                     max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=1.0,
-                    rewards={"rm": {"model": "unused"}})
+                    rewards={"rm": {"model": "unused"}}, lora=args.lora)
     policy, ref_lm = build_policy(load_causal_lm(path, tokenizer), cfg)
     policy.to(device)
     if ref_lm is not None:
@@ -103,18 +111,18 @@ def main(argv: list[str] | None = None) -> dict:
     foreach_optimizer = build_optimizer(policy, 1e-7, fused=False)  # torch's default AdamW, the loop's before
     torch.manual_seed(args.seed)
 
-    def sample(**extra):
-        """Plain ``generate`` on the batch with the rollout's sampling settings -> (encoding, output)."""
+    def sample(fold: bool = True, **extra):
+        """Plain ``generate`` on the batch with the rollout's sampling settings -> (encoding, output);
+        ``fold``: LoRA adapters folded into the weights, as the rollout samples."""
         enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
-        with torch.no_grad(), amp():
+        with torch.no_grad(), amp(), (adapters_folded(policy.lm) if fold else contextlib.nullcontext()):
             return enc, policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
                                            max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
                                            pad_token_id=tokenizer.pad_token_id, **extra)
 
-    def plain_generate():
-        enc, out = sample()
-        response = out[:, enc["input_ids"].shape[1]:]
-        return int((response != tokenizer.pad_token_id).sum())
+    def plain_generate(fold: bool = True):
+        enc, out = sample(fold)
+        return out[:, enc["input_ids"].shape[1]:]
 
     def our_rollout():
         with amp():
@@ -123,7 +131,14 @@ def main(argv: list[str] | None = None) -> dict:
     def generate_with_scores():
         return sample(return_dict_in_generate=True, output_logits=True, output_hidden_states=True)
 
-    gen_s, gen_tokens = timed(plain_generate, args.repeats)
+    def n_tokens(response) -> int:
+        return int((response != tokenizer.pad_token_id).sum())
+
+    gen_s, generated = timed(plain_generate, args.repeats)
+    gen_tokens = n_tokens(generated)
+    if args.lora:  # the same seed again, so both sample the same tokens up to rounding
+        torch.manual_seed(args.seed)
+        unfolded_s, unfolded = timed(lambda: plain_generate(fold=False), args.repeats)
     scores_s, (enc, scored) = timed(generate_with_scores, args.repeats)
     roll_s, ro = timed(our_rollout, args.repeats)
     roll_tokens = int(ro.response_mask.sum())
@@ -171,6 +186,10 @@ def main(argv: list[str] | None = None) -> dict:
         "settings": {k: v for k, v in vars(args).items() if k not in ("json", "model")},
         "prompt_tokens": int(ro.query_mask.sum()), "prompt_columns": int(ro.query_ids.shape[1]),
         "generate": {"seconds": gen_s, "tokens": gen_tokens, "tokens_per_s": gen_tokens / gen_s},
+        "generate_unfolded": ({"seconds": unfolded_s, "tokens": n_tokens(unfolded),
+                               "tokens_per_s": n_tokens(unfolded) / unfolded_s,
+                               "same_tokens_as_folded": bool(torch.equal(unfolded, generated))}
+                              if args.lora else None),
         "rollout": {"seconds": roll_s, "tokens": roll_tokens, "tokens_per_s": roll_tokens / roll_s},
         "generate_scores": {"seconds": scores_s, "policy_forward_seconds": forward_s,
                             "logprob_gap_mean": float(gap.mean()), "logprob_gap_max": float(gap.max())},
@@ -181,7 +200,14 @@ def main(argv: list[str] | None = None) -> dict:
     result["update_vs_foreach_adamw"] = update_s / foreach_s
     result["rollout_update_vs_before"] = (roll_s + update_s) / (roll_s + foreach_s)
     print(f"device {device}, {result['threads']} thread(s), {'bf16 autocast' if bf16 else 'fp32'}, batch {args.batch_size}, mini-batch "
-          f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens")
+          f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens"
+          f"{', LoRA adapters' if args.lora else ''}")
+    if args.lora:
+        unfolded = result["generate_unfolded"]["tokens_per_s"]
+        same = "the same" if result["generate_unfolded"]["same_tokens_as_folded"] else "not the same (rounding)"
+        print(f"LoRA sampling: adapters folded {result['generate']['tokens_per_s']:7.1f} tokens/s, unfolded "
+              f"{unfolded:7.1f} tokens/s: folded is {result['generate']['tokens_per_s'] / unfolded:.2f}x the speed; "
+              f"{same} tokens sampled")
     print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
           f"plain generate {gen_s:6.2f} s  {result['generate']['tokens_per_s']:7.1f} tokens/s   "
           f"ratio {result['rollout_vs_generate']:.2f} (goal >= 0.90)")

@@ -270,6 +270,40 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_model
     assert (new_lp[mask] - base_lp[mask]).mean() > 0                             # ... in the pushed direction
 
 
+def test_adapters_folded_samples_the_same_policy_and_restores_the_base_weights(tmp_path, tiny_model_dir):
+    cfg = _cfg(tmp_path, tiny_model_dir, lora=True, lora_r=4, lora_alpha=8)
+    tok = load_tokenizer(str(tiny_model_dir))
+    policy, _ = ppo_policy.build_policy(load_causal_lm(str(tiny_model_dir), tok), cfg)
+    lm = policy.lm
+    torch.manual_seed(0)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0); give the adapters something to fold
+        for name, p in lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.5)
+    base = {n: (p, p.data.clone()) for n, p in lm.named_parameters() if "base_layer" in n}
+    ids = tok(PROMPTS, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        adapted = lm(**ids).logits
+        with lm.disable_adapter():
+            plain = lm(**ids).logits
+        with ppo_policy.adapters_folded(lm):
+            folded = lm(**ids).logits
+            assert any(not torch.equal(p.data, w) for p, w in base.values()), "the update must be in the base weights"
+        after = lm(**ids).logits
+    assert (adapted - plain).abs().max() > 1e-2, "the adapters must change the model for the test to mean anything"
+    torch.testing.assert_close(folded, adapted, atol=1e-4, rtol=1e-4)  # the adapted policy, folded
+    torch.testing.assert_close(after, adapted, atol=0, rtol=0)        # adapters on again, nothing drifted
+    params = dict(lm.named_parameters())
+    for name, (p, w) in base.items():
+        assert params[name] is p and torch.equal(p.data, w), f"{name}: the base weight must be exactly what it was"
+
+    plain_lm = load_causal_lm(str(tiny_model_dir), tok)
+    before = [(p.data_ptr(), p.detach().clone()) for p in plain_lm.parameters()]
+    with ppo_policy.adapters_folded(plain_lm):  # no adapters: nothing to fold
+        pass
+    assert all(p.data_ptr() == ptr and torch.equal(p, w) for p, (ptr, w) in zip(plain_lm.parameters(), before))
+
+
 class EveryOtherNaN(RewardSource):
     """1.0 for odd positions in the batch, NaN ("does not apply") for even ones."""
 

@@ -49,8 +49,10 @@ def _history(run):
     return [json.loads(line) for line in (run / "history.jsonl").read_text().splitlines()]
 
 
-# weight_average: model/ is the average, which must come back from the checkpoint as well
-@pytest.mark.parametrize("settings", [{}, {"weight_average": 0.5}], ids=["live", "weight_average"])
+# weight_average: model/ is the average, which must come back from the checkpoint as well;
+# lora: the adapters (and their optimizer state) come back; sampling folds them into the base weights
+@pytest.mark.parametrize("settings", [{}, {"weight_average": 0.5}, {"lora": True, "lora_r": 4, "lora_alpha": 8}],
+                         ids=["live", "weight_average", "lora"])
 def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(tmp_path, tiny_model_dir, settings):
     straight = _config(tmp_path, tiny_model_dir, "straight", **settings)
     _run(straight)

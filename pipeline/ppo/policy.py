@@ -6,13 +6,15 @@ from __future__ import annotations
 import contextlib
 import copy
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 from torch import nn
 
 from pipeline.ppo import math as ppo_math
-from pipeline.ppo.config import PPOConfig
+
+if TYPE_CHECKING:  # config imports validation, which imports this module
+    from pipeline.ppo.config import PPOConfig
 
 
 class PolicyWithValueHead(nn.Module):
@@ -53,6 +55,44 @@ def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Op
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False)
     policy = PolicyWithValueHead(lm).eval()  # eval: no dropout anywhere in PPO
     return policy, ref_lm
+
+
+@contextlib.contextmanager
+def adapters_folded(lm: nn.Module):
+    """A block in which a LoRA model's adapters are added into its base weights and switched off,
+    for sampling: each linear layer is then one matmul instead of three. After the block the base
+    weights are the very tensors they were and the adapters are on again. A no-op for a model
+    without adapters.
+
+    Inside, the model computes the same function up to float rounding (under bf16 autocast the
+    rounding differs from the unfolded model's, as it does for ``model/``, which is saved merged).
+    Written here rather than with peft's ``merge_adapter()`` / ``unmerge_adapter()``: unmerging
+    subtracts the update again and leaves fp32 rounding in the frozen weights after every step,
+    and those weights are the KL reference (the adapters-off model), which must stay the SFT model.
+    """
+    if not hasattr(lm, "disable_adapter"):
+        yield
+        return
+    from peft.tuners.lora import LoraLayer
+
+    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    try:
+        with torch.no_grad():
+            for layer in lm.modules():
+                if not isinstance(layer, LoraLayer) or layer.merged:
+                    continue
+                active = [a for a in layer.active_adapters if a in layer.lora_A]
+                if not active:
+                    continue
+                weight = layer.get_base_layer().weight
+                folded = weight.data + sum(layer.get_delta_weight(a) for a in active).to(weight.dtype)
+                swapped.append((weight, weight.data))
+                weight.data = folded
+        with lm.disable_adapter():
+            yield
+    finally:
+        for weight, original in swapped:
+            weight.data = original
 
 
 class WeightAverage:

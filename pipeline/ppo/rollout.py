@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
 from pipeline.ppo.config import PPOConfig
-from pipeline.ppo.policy import PolicyWithValueHead, response_forward
+from pipeline.ppo.policy import PolicyWithValueHead, adapters_folded, response_forward
 
 
 @dataclasses.dataclass
@@ -70,10 +70,13 @@ def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer,
     enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
     query_ids, query_mask = enc["input_ids"], enc["attention_mask"]     # (B, P)
     eos_ids = [tokenizer.eos_token_id]
-    out = policy.lm.generate(
-        input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
-        top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
-        pad_token_id=tokenizer.pad_token_id)
+    # The log-probs PPO compares against are the forward's below, not the sampler's, so sampling
+    # may run on the folded weights (LoRA): the same distribution up to rounding, fewer matmuls.
+    with adapters_folded(policy.lm):
+        out = policy.lm.generate(
+            input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
+            top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,
+            pad_token_id=tokenizer.pad_token_id)
     response_ids = out[:, query_ids.shape[1]:]                          # (B, T), T <= max_new_tokens
     response_mask, truncated = response_mask_from_ids(response_ids, eos_ids)
     response_ids = torch.where(response_mask.bool(), response_ids, torch.full_like(response_ids, tokenizer.pad_token_id))
