@@ -21,7 +21,7 @@ of ``--repeats`` timed repeats after one warm-up, all measured in the same run:
                  mini-batch would start from)
   generate_unfolded  with ``--lora``: plain ``generate`` with the adapters applied as separate
                  matmuls, against ``generate`` with them folded into the weights (how the
-                 rollout and validation sample, ``pipeline.ppo.policy.adapters_folded``)
+                 rollout and validation sample, ``pipeline.ppo.policy.sampling_weights``)
 
 It prints ``rollout / generate`` in tokens per second (goal >= 0.9) and ``update / floor`` in
 time (goal <= 1.3x). ``--bf16 auto`` (the default) autocasts every part to bf16 where the
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     from pipeline.models import encode_user_turns, load_causal_lm, load_tokenizer, resolve_model
     from pipeline.ppo import PPOConfig
     from pipeline.ppo.math import logprobs_from_logits
-    from pipeline.ppo.policy import adapters_folded, build_optimizer, build_policy, response_forward
+    from pipeline.ppo.policy import build_optimizer, build_policy, response_forward, sampling_weights
     from pipeline.ppo.rollout import response_mask_from_ids, rollout
     from pipeline.ppo.step import ppo_update
     from pipeline.training import use_bf16
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         """Plain ``generate`` on the batch with the rollout's sampling settings -> (encoding, output);
         ``fold``: LoRA adapters folded into the weights, as the rollout samples."""
         enc = encode_user_turns(tokenizer, prompts, cfg.max_prompt_length, device)
-        with torch.no_grad(), amp(), (adapters_folded(policy.lm) if fold else contextlib.nullcontext()):
+        with torch.no_grad(), amp(), (sampling_weights(policy.lm) if fold else contextlib.nullcontext()):
             return enc, policy.lm.generate(**enc, do_sample=True, temperature=cfg.temperature, top_p=1.0, top_k=0,
                                            max_new_tokens=cfg.max_new_tokens, eos_token_id=[tokenizer.eos_token_id],
                                            pad_token_id=tokenizer.pad_token_id, **extra)

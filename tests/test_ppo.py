@@ -270,7 +270,7 @@ def test_lora_reference_is_the_base_model_with_adapters_off(tmp_path, tiny_model
     assert (new_lp[mask] - base_lp[mask]).mean() > 0                             # ... in the pushed direction
 
 
-def test_adapters_folded_samples_the_same_policy_and_restores_the_base_weights(tmp_path, tiny_model_dir):
+def test_sampling_weights_samples_the_same_policy_and_restores_the_base_weights(tmp_path, tiny_model_dir):
     cfg = _cfg(tmp_path, tiny_model_dir, lora=True, lora_r=4, lora_alpha=8)
     tok = load_tokenizer(str(tiny_model_dir))
     policy, _ = ppo_policy.build_policy(load_causal_lm(str(tiny_model_dir), tok), cfg)
@@ -286,7 +286,7 @@ def test_adapters_folded_samples_the_same_policy_and_restores_the_base_weights(t
         adapted = lm(**ids).logits
         with lm.disable_adapter():
             plain = lm(**ids).logits
-        with ppo_policy.adapters_folded(lm):
+        with ppo_policy.sampling_weights(lm):
             folded = lm(**ids).logits
             assert any(not torch.equal(p.data, w) for p, w in base.values()), "the update must be in the base weights"
         after = lm(**ids).logits
@@ -297,9 +297,26 @@ def test_adapters_folded_samples_the_same_policy_and_restores_the_base_weights(t
     for name, (p, w) in base.items():
         assert params[name] is p and torch.equal(p.data, w), f"{name}: the base weight must be exactly what it was"
 
+    # under autocast the frozen weights are cast once, the tied output layer on a copy of its own
+    head, embed = lm.get_output_embeddings(), lm.get_input_embeddings()
+    assert head.weight is embed.weight, "the tiny model ties its output layer to the input embedding"
+    tied = head.weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        adapted = lm(**ids).logits.float()
+        with ppo_policy.sampling_weights(lm):
+            folded = lm(**ids).logits.float()
+            assert lm.get_output_embeddings().weight.dtype == torch.bfloat16
+            assert embed.weight.dtype == torch.float32, "the input embedding must keep its dtype"
+            assert all(p.dtype == torch.bfloat16 for p, _ in base.values())
+    torch.testing.assert_close(folded, adapted, atol=0.05, rtol=0)  # bf16 rounding (the adapters move logits by > 1)
+    assert (folded - plain).abs().max() > 0.5
+    assert lm.get_output_embeddings().weight is tied is embed.weight, "the output layer must be tied again"
+    for name, (p, w) in base.items():
+        assert p.dtype == torch.float32 and torch.equal(p.data, w), name
+
     plain_lm = load_causal_lm(str(tiny_model_dir), tok)
     before = [(p.data_ptr(), p.detach().clone()) for p in plain_lm.parameters()]
-    with ppo_policy.adapters_folded(plain_lm):  # no adapters: nothing to fold
+    with ppo_policy.sampling_weights(plain_lm):  # no adapters: nothing to fold
         pass
     assert all(p.data_ptr() == ptr and torch.equal(p, w) for p, (ptr, w) in zip(plain_lm.parameters(), before))
 

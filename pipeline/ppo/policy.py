@@ -58,24 +58,32 @@ def build_policy(lm: nn.Module, cfg: PPOConfig) -> tuple[PolicyWithValueHead, Op
 
 
 @contextlib.contextmanager
-def adapters_folded(lm: nn.Module):
-    """A block in which a LoRA model's adapters are added into its base weights and switched off,
-    for sampling: each linear layer is then one matmul instead of three. After the block the base
-    weights are the very tensors they were and the adapters are on again. A no-op for a model
-    without adapters.
+def sampling_weights(lm: nn.Module):
+    """A block in which a LoRA policy samples as fast as a plain model, from the same distribution
+    up to float rounding. A no-op for a model without adapters. Inside it:
 
-    Inside, the model computes the same function up to float rounding (under bf16 autocast the
-    rounding differs from the unfolded model's, as it does for ``model/``, which is saved merged).
-    Written here rather than with peft's ``merge_adapter()`` / ``unmerge_adapter()``: unmerging
-    subtracts the update again and leaves fp32 rounding in the frozen weights after every step,
-    and those weights are the KL reference (the adapters-off model), which must stay the SFT model.
+    - the adapters are added into their base weights and switched off, so each linear layer is one
+      matmul instead of three;
+    - under autocast, those folded weights and a frozen output layer are cast to autocast's dtype
+      here, once. Autocast caches the casts of trainable weights only, so a LoRA model's frozen
+      weights are otherwise cast again at every token ``generate`` samples.
+
+    After the block every weight is the very tensor it was (a tied output layer is tied again) and
+    the adapters are on. Not written with peft's ``merge_adapter()`` / ``unmerge_adapter()``:
+    unmerging subtracts the update again and leaves fp32 rounding in the frozen weights after every
+    step, and those weights are the KL reference (the adapters-off model), which must stay the SFT
+    model. Under bf16 autocast the sampler's rounding differs from the unfolded model's, as it does
+    for ``model/``, which is saved merged; PPO's log-probs come from the unfolded forward.
     """
     if not hasattr(lm, "disable_adapter"):
         yield
         return
     from peft.tuners.lora import LoraLayer
 
-    swapped: list[tuple[nn.Parameter, torch.Tensor]] = []
+    device = next(lm.parameters()).device.type
+    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    folded: list[tuple[nn.Parameter, torch.Tensor]] = []   # (weight, the tensor it held)
+    replaced: list[tuple[nn.Module, nn.Parameter]] = []     # (output layer, its own weight)
     try:
         with torch.no_grad():
             for layer in lm.modules():
@@ -85,14 +93,22 @@ def adapters_folded(lm: nn.Module):
                 if not active:
                     continue
                 weight = layer.get_base_layer().weight
-                folded = weight.data + sum(layer.get_delta_weight(a) for a in active).to(weight.dtype)
-                swapped.append((weight, weight.data))
-                weight.data = folded
+                update = sum(layer.get_delta_weight(a) for a in active)
+                folded.append((weight, weight.data))
+                weight.data = (weight.data + update).to(dtype or weight.dtype)
+            head = lm.get_output_embeddings()
+            if (dtype is not None and isinstance(head, nn.Linear) and not head.weight.requires_grad
+                    and head.weight.dtype != dtype):
+                # a weight of its own: the tied input embedding keeps its dtype
+                replaced.append((head, head.weight))
+                head.weight = nn.Parameter(head.weight.to(dtype), requires_grad=False)
         with lm.disable_adapter():
             yield
     finally:
-        for weight, original in swapped:
+        for weight, original in folded:
             weight.data = original
+        for head, original in replaced:
+            head.weight = original
 
 
 class WeightAverage:

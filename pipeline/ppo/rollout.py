@@ -15,7 +15,7 @@ from torch import nn
 from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
 from pipeline.ppo.config import PPOConfig
-from pipeline.ppo.policy import PolicyWithValueHead, adapters_folded, response_forward
+from pipeline.ppo.policy import PolicyWithValueHead, response_forward, sampling_weights
 
 
 @dataclasses.dataclass
@@ -72,7 +72,7 @@ def rollout(policy: PolicyWithValueHead, ref_lm: Optional[nn.Module], tokenizer,
     eos_ids = [tokenizer.eos_token_id]
     # The log-probs PPO compares against are the forward's below, not the sampler's, so sampling
     # may run on the folded weights (LoRA): the same distribution up to rounding, fewer matmuls.
-    with adapters_folded(policy.lm):
+    with sampling_weights(policy.lm):
         out = policy.lm.generate(
             input_ids=query_ids, attention_mask=query_mask, do_sample=True, temperature=cfg.temperature,
             top_p=cfg.top_p, top_k=0, max_new_tokens=cfg.max_new_tokens, eos_token_id=eos_ids,

@@ -35,7 +35,7 @@ from accelerate.utils import gather_object
 
 from pipeline.evaluation.refusal_match import is_refusal
 from pipeline.models import encode_user_turns
-from pipeline.ppo.policy import adapters_folded
+from pipeline.ppo.policy import sampling_weights
 
 SELECT = ("last", "best", "f1")
 SELECTION_FILE = "selection.json"
@@ -199,7 +199,7 @@ class Validator:
 
     def __call__(self, lm, step: int) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
-        with self.amp(), adapters_folded(lm):  # LoRA: as model/ is saved, adapters merged
+        with self.amp(), sampling_weights(lm):  # LoRA: as model/ is saved, adapters merged
             replies = greedy_replies(lm, self.tokenizer, self.mine["prompt"], cfg.val_max_new_tokens,
                                      cfg.max_prompt_length, cfg.val_batch_size)
         refused = [is_refusal(r) for r in replies]
