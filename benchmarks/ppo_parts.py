@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> dict:
           f"{args.mini_batch_size} x {args.ppo_epochs} epochs, {args.max_new_tokens} new tokens"
           f"{', LoRA adapters' if args.lora else ''}")
     if args.lora:
-        unfolded = result["generate_unfolded"]["tokens_per_s"]
+        unfolded_rate = result["generate_unfolded"]["tokens_per_s"]
         same = "the same" if result["generate_unfolded"]["same_tokens_as_folded"] else "not the same (rounding)"
         print(f"LoRA sampling: adapters folded {result['generate']['tokens_per_s']:7.1f} tokens/s, unfolded "
-              f"{unfolded:7.1f} tokens/s: folded is {result['generate']['tokens_per_s'] / unfolded:.2f}x the speed; "
-              f"{same} tokens sampled")
+              f"{unfolded_rate:7.1f} tokens/s: folded is {result['generate']['tokens_per_s'] / unfolded_rate:.2f}x "
+              f"the speed; {same} tokens sampled")
     print(f"rollout  {roll_s:6.2f} s  {result['rollout']['tokens_per_s']:7.1f} tokens/s   "
           f"plain generate {gen_s:6.2f} s  {result['generate']['tokens_per_s']:7.1f} tokens/s   "
           f"ratio {result['rollout_vs_generate']:.2f} (goal >= 0.90)")
