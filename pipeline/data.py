@@ -263,6 +263,7 @@ def load_preferences(source: str, fields: dict[str, str] | None = None, skip_inv
             skipped.append(str(e))
             continue
         out.append({
+            "id": str(row.get("id") or where),
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],
@@ -282,7 +283,10 @@ def _report_skipped(source: str, skipped: list[str]) -> None:
 
 
 def load_prompts(source: str, fields: dict[str, str] | None = None, default_class: str | None = None):
-    """Prompt sets -> Dataset with ``prompt`` (text), ``prompt_class``, ``category``, ``split``.
+    """Prompt sets -> Dataset with ``id``, ``prompt`` (text), ``prompt_class``, ``category``, ``split``.
+
+    ``id`` is the row's own ``id`` when it has one, else its location (``file.jsonl:12``), so
+    whatever is written per prompt (PPO's validation replies) can be traced to its row.
 
     ``default_class`` fills ``prompt_class`` for sets that have none (e.g. all-harmful sets).
     """
@@ -298,6 +302,7 @@ def load_prompts(source: str, fields: dict[str, str] | None = None, default_clas
         if cls not in PROMPT_CLASSES:
             raise DataError(f"{where}: prompt_class must be one of {', '.join(PROMPT_CLASSES)}, got {cls!r}")
         out.append({
+            "id": str(row.get("id") or where),
             "prompt": prompt,
             "prompt_class": cls,
             "category": str(row.get("category") or ""),

@@ -87,6 +87,8 @@ def test_f1_selector_weighs_both_sides_where_the_budget_rule_keeps_the_late_slid
 def _cfg(tmp_path, model, **kw):
     rows = [{"prompt": f"Question {i}: tell me something short.", "prompt_class": ("harmful", "safe")[i % 2],
              "split": "train"} for i in range(20)]
+    for i in range(0, 20, 3):   # some rows carry their own id, the rest are known by their line
+        rows[i]["id"] = f"q-{i}"
     base = {"model": str(model), "prompts": str(write_jsonl(tmp_path / "prompts.jsonl", rows)),
             "output_dir": str(tmp_path / "run"), "report_to": ["none"], "max_steps": 3, "batch_size": 4,
             "mini_batch_size": 2, "ppo_epochs": 1, "max_new_tokens": 4, "learning_rate": 1e-3,
@@ -118,8 +120,13 @@ def test_select_best_saves_the_chosen_step_not_the_last(tmp_path, tiny_model_dir
     # the replies behind each record, per prompt, agree with its rates
     replies = [json.loads(line) for line in (run / validation.REPLIES_FILE).read_text().splitlines()]
     assert [r["step"] for r in replies] == [0, 1, 2, 3]
+    # each reply names its prompt row: the row's id, or file:line for a row without one
+    prompts_file = tmp_path / "prompts.jsonl"
+    row_of = {(json.loads(text).get("id") or f"{prompts_file}:{n}"): json.loads(text)
+              for n, text in enumerate(prompts_file.read_text().splitlines(), 1)}
     for line, record in zip(replies, records):
         assert len(line["prompts"]) == 4 and len({p["id"] for p in line["prompts"]}) == 4
+        assert all(row_of[p["id"]]["prompt_class"] == p["prompt_class"] for p in line["prompts"])
         harmful = [p["refused"] for p in line["prompts"] if p["prompt_class"] == "harmful"]
         safe = [p["refused"] for p in line["prompts"] if p["prompt_class"] == "safe"]
         assert (sum(harmful) / len(harmful), sum(safe) / len(safe)) == (record["harmful_refusal"], record["over_refusal"])
