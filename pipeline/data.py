@@ -263,7 +263,6 @@ def load_preferences(source: str, fields: dict[str, str] | None = None, skip_inv
             skipped.append(str(e))
             continue
         out.append({
-            "id": str(row.get("id") or where),
             "prompt": prompt,
             "chosen": [{"role": "assistant", "content": chosen}],
             "rejected": [{"role": "assistant", "content": rejected}],

@@ -192,11 +192,6 @@ class Validator:
         self.save_validated = save_validated
         self.records: list[dict[str, Any]] = list(records or [])
 
-    def _ids(self) -> list:
-        if "id" in self.mine.column_names:
-            return list(self.mine["id"])
-        return [f"{self.accelerator.process_index}:{k}" for k in range(len(self.mine))]
-
     def __call__(self, lm, step: int) -> dict[str, Any]:
         cfg, acc = self.cfg, self.accelerator
         with self.amp(), sampling_weights(lm):  # LoRA: as model/ is saved, adapters merged
@@ -207,7 +202,7 @@ class Validator:
         record = rates(step, acc.reduce(counts, reduction="sum").cpu())
         # each prompt's reply and refusal, so a selection rule can be judged on prompts it did not choose on
         mine = [{"id": i, "prompt_class": c, "refused": bool(f), "reply": r}
-                for i, c, f, r in zip(self._ids(), self.mine["prompt_class"], refused, replies)]
+                for i, c, f, r in zip(self.mine["id"], self.mine["prompt_class"], refused, replies)]
         every = gather_object(mine) if acc.num_processes > 1 else mine
         improved = self.selector.offer(record)
         record["selected"] = improved
