@@ -182,6 +182,46 @@ def test_validation_settings_are_checked(tmp_path, tiny_model_dir):
     assert not (tmp_path / "run" / "model").exists()
 
 
+def test_val_prompts_validates_on_its_own_file_and_trains_on_every_training_prompt(tmp_path, tiny_model_dir,
+                                                                                   monkeypatch):
+    torch.set_num_threads(1)
+    val_rows = [{"id": f"v-{i}", "prompt": f"Held {i}: a question of its own.", "prompt_class": ("harmful", "safe")[i % 2]}
+                for i in range(6)] + [{"prompt": "An eval row, never validated on.", "prompt_class": "safe",
+                                       "split": "eval"}]
+    val_file = write_jsonl(tmp_path / "val.jsonl", val_rows)
+    calls = []
+
+    def scripted(lm, tokenizer, prompts, *args, **kwargs):
+        calls.append(list(prompts))
+        return [REFUSAL if p.startswith(("Held 0", "Held 2", "Held 4")) else ANSWER for p in prompts]
+
+    monkeypatch.setattr(validation, "greedy_replies", scripted)
+    cfg = _cfg(tmp_path, tiny_model_dir, val_fraction=0.0, val_prompts=str(val_file), select="f1", sample_every=1,
+               batch_size=8, mini_batch_size=4)
+    ppo.main(cfg, reward_composer=RewardComposer([ContainsSource("a")]))
+    run = tmp_path / "run"
+    # every validation decodes the file's six rows (not its eval row), and only them
+    assert len(calls) == 4 and all(sorted(c) == sorted(r["prompt"] for r in val_rows[:6]) for c in calls)
+    records = [json.loads(line) for line in (run / "validation.jsonl").read_text().splitlines()]
+    assert all((r["harmful_refusal"], r["over_refusal"]) == (1.0, 0.0) for r in records)
+    replies = [json.loads(line) for line in (run / validation.REPLIES_FILE).read_text().splitlines()]
+    assert sorted(p["id"] for p in replies[0]["prompts"]) == [f"v-{i}" for i in range(6)]
+    # no training prompt is held out: 3 steps x 8 rollouts draw 20 distinct training prompts
+    trained = {json.loads(line)["prompt"] for line in (run / "samples.jsonl").read_text().splitlines()}
+    assert len(trained) == 20 and all(p.startswith("Question") for p in trained)
+
+
+def test_val_prompts_must_be_kept_apart_from_the_training_prompts(tmp_path, tiny_model_dir):
+    val_file = write_jsonl(tmp_path / "val.jsonl", [{"id": "v-1", "prompt": "Held: a question.", "prompt_class": "safe"},
+                                                     {"id": "v-2", "prompt": "question 3:  tell me something SHORT.",
+                                                      "prompt_class": "harmful"}])
+    with pytest.raises(config_lib.ConfigError, match="val_fraction.*val_prompts"):
+        _cfg(tmp_path, tiny_model_dir, val_prompts=str(val_file))
+    with pytest.raises(DataError, match=r"val.jsonl: row v-2 is also a training prompt"):
+        ppo.main(_cfg(tmp_path, tiny_model_dir, val_fraction=0.0, val_prompts=str(val_file)))
+    assert not (tmp_path / "run" / "model").exists()
+
+
 class CrashAt(RewardComposer):
     """Raises while scoring its ``at``-th batch, like a run killed mid-step."""
 

@@ -30,14 +30,28 @@ def rbrm_classes(rewards: dict[str, Any], classes: list[str]) -> dict[str, Any]:
     return out
 
 
-def load_train_prompts(cfg: PPOConfig):
+def load_train_prompts(cfg: PPOConfig, path: str = ""):
+    """The rows of ``path`` (default: the training prompts) without those marked split: eval."""
     from pipeline.data import load_prompts
 
-    ds = load_prompts(cfg.prompts, cfg.fields)
+    path = path or cfg.prompts
+    ds = load_prompts(path, cfg.fields)
     ds = ds.select([i for i, split in enumerate(ds["split"]) if split != "eval"])
     if len(ds) == 0:
-        raise DataError(f"{cfg.prompts}: no training prompts (every row has split: eval)")
+        raise DataError(f"{path}: no prompts left once rows with split: eval are set aside")
     return ds
+
+
+def load_val_prompts(cfg: PPOConfig, train):
+    """``val_prompts``' rows; one that is also a training prompt is an error, as it would make
+    validation measure what PPO trained on."""
+    val = load_train_prompts(cfg, cfg.val_prompts)
+    seen = {" ".join(p.split()).lower() for p in train["prompt"]}
+    for row_id, prompt in zip(val["id"], val["prompt"]):
+        if " ".join(prompt.split()).lower() in seen:
+            raise DataError(f"{cfg.val_prompts}: row {row_id} is also a training prompt in {cfg.prompts}; "
+                            "validation prompts must be kept apart from the prompts PPO trains on")
+    return val
 
 
 def jsonable(value: Any) -> Any:

@@ -170,6 +170,9 @@ class PPOConfig(PolicyTrainingConfig):
                                       "none); auto: continue if there is one, else start; false: start from step 0")
     val_fraction: float = field(0.0, help="share of each prompt class's training prompts held out for validation "
                                           "(seeded by seed); 0 = train on all")
+    val_prompts: str = field("", help="a prompt file validated on instead of a held-out share of the training prompts "
+                                      "(its rows but split: eval; written apart from them, as an eval set is); empty = "
+                                      "val_fraction")
     val_every: int = field(0, help="every N steps (and at step 0 and the last step) decode the held-out prompts greedily "
                                    "and log refusal rates by string match to validation.jsonl; 0 = never")
     val_max_new_tokens: int = field(16, help="validation reply length; a refusal shows in its opening words")
@@ -212,15 +215,19 @@ class PPOConfig(PolicyTrainingConfig):
             raise ConfigError(f"key 'val_fraction': expected a share in [0, 1), got {self.val_fraction}")
         if self.val_every < 0:
             raise ConfigError(f"key 'val_every': expected 0 (never) or a positive integer, got {self.val_every}")
-        if self.val_every and not self.val_fraction:
-            raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2)")
+        if self.val_fraction and self.val_prompts:
+            raise ConfigError("keys 'val_fraction' and 'val_prompts': validation reads one of them; set the other to "
+                              "0 / empty")
+        if self.val_every and not (self.val_fraction or self.val_prompts):
+            raise ConfigError("key 'val_every': validation needs held-out prompts; set val_fraction (e.g. 0.2) "
+                              "or val_prompts")
         if self.select_window < 1:
             raise ConfigError(f"key 'select_window': expected a positive integer, got {self.select_window}")
         if self.select not in validation.SELECT:
             raise ConfigError(f"key 'select': expected one of {', '.join(validation.SELECT)}, got {self.select!r}")
         if self.select != "last" and not self.val_every:
             raise ConfigError(f"key 'select': {self.select} chooses among validated steps; set val_every and "
-                              "val_fraction")
+                              "val_fraction or val_prompts")
         for name in ("class_mix", "class_weights"):
             bad = {k: v for k, v in getattr(self, name).items() if not (v >= 0 and math.isfinite(v))}
             if bad:
