@@ -156,6 +156,17 @@ def test_project_prompts():
     assert len({r["prompt"].lower() for r in rows}) == len(rows)
 
 
+def test_project_val_prompts():
+    ds = data.load_prompts(str(REPO / "data" / "val_prompts.jsonl"))
+    rows = _rows("val_prompts.jsonl")
+    classes = Counter(r["prompt_class"] for r in rows)
+    # enough of each side that one refusal moves a rate by about a point
+    assert classes["harmful"] >= 80 and classes["safe"] >= 80 and classes["sensitive"] >= 5
+    assert len(set(ds["id"])) == len(rows) and not {r.get("split") for r in rows} - {None}
+    training = {" ".join(r["prompt"].split()).lower() for r in _rows("prompts.jsonl")}
+    assert not {" ".join(r["prompt"].split()).lower() for r in rows} & training
+
+
 def test_project_preferences():
     ds = data.load_preferences(str(REPO / "data" / "preferences.jsonl"))
     rows = _rows("preferences.jsonl")
@@ -188,6 +199,7 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
     train += [(r["id"], r["prompt"]) for r in _rows("grader_check.jsonl")]
     train += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl")]
+    train += [(r["id"], r["prompt"]) for r in _rows("val_prompts.jsonl")]   # PPO's step is chosen on them
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
     xstest = load_prompt_set({"name": "xstest", "path": str(SHARED_DATA / "xstest_prompts.jsonl"),
                               "format": "xstest", "optional": "true"})
@@ -205,3 +217,23 @@ def test_shared_hh_pairs_read_by_path():
     ds = data.load_preferences(str(SHARED_DATA / "hh_rlhf_harmless_base_test.jsonl"), skip_invalid=True)
     assert len(ds) > 2000
     assert all(p[-1]["role"] == "user" for p in ds["prompt"][:50])
+
+
+@pytest.mark.slow
+def test_val_prompts_are_written_apart_from_the_training_data(minilm_dir):
+    """PPO's validation prompts stand in for the eval sets, so they are kept off what SFT, the
+    reward model and PPO train on by the eval split's own rule: below MiniLM cosine 0.75 to
+    every training user turn (a random cut of the training prompts holds near-copies of them)."""
+    from pipeline.rbrm.embedding import EmbeddingBackend
+
+    train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
+    train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
+    train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl")]
+    train += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl") + _rows("grader_check.jsonl")]
+    val = [(r["id"], r["prompt"]) for r in _rows("val_prompts.jsonl")]
+    encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
+    sims = encoder.embed([text for _, text in val]) @ encoder.embed([text for _, text in train]).T
+    nearest = sims.argmax(axis=1)
+    close = [(row_id, train[j][0], round(float(sims[i, j]), 2))
+             for i, ((row_id, _), j) in enumerate(zip(val, nearest)) if sims[i, j] >= 0.75]
+    assert not close, f"validation prompts too close to training data (validation id, training id, cosine): {close}"
