@@ -183,6 +183,27 @@ def test_eval_prompts_do_not_leak_into_training_data():
     assert not eval_prompts & pref_prompts
 
 
+def _training_turns():
+    """(id, text) of every user turn that PPO, SFT, the reward model or the grader trains on."""
+    turns = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
+    turns += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
+    turns += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
+    turns += [(r["id"], r["prompt"]) for r in _rows("grader_check.jsonl")]
+    turns += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl")]
+    return turns
+
+
+def _too_close(minilm_dir, rows, others, limit=0.75):
+    """(row id, id of its nearest other, cosine) for each row at MiniLM cosine >= limit to one of ``others``."""
+    from pipeline.rbrm.embedding import EmbeddingBackend
+
+    encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
+    sims = encoder.embed([text for _, text in rows]) @ encoder.embed([text for _, text in others]).T
+    nearest = sims.argmax(axis=1)
+    return [(row_id, others[j][0], round(float(sims[i, j]), 2))
+            for i, ((row_id, _), j) in enumerate(zip(rows, nearest)) if sims[i, j] >= limit]
+
+
 @pytest.mark.slow
 def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     """An exact-match check misses a training prompt that asks an eval prompt's question in other
@@ -192,23 +213,13 @@ def test_training_prompts_do_not_paraphrase_eval_prompts(minilm_dir):
     grader's sentence encoder (the grader check set's prompts too); the closest legitimate pairs
     (same template, different subject) sit near 0.70."""
     from pipeline.evaluate import load_prompt_set
-    from pipeline.rbrm.embedding import EmbeddingBackend
 
-    train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
-    train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
-    train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl") if r["split"] == "train"]
-    train += [(r["id"], r["prompt"]) for r in _rows("grader_check.jsonl")]
-    train += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl")]
-    train += [(r["id"], r["prompt"]) for r in _rows("val_prompts.jsonl")]   # PPO's step is chosen on them
+    train = _training_turns() + [(r["id"], r["prompt"]) for r in _rows("val_prompts.jsonl")]  # PPO keeps a step by them
     evals = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "eval"]
     xstest = load_prompt_set({"name": "xstest", "path": str(SHARED_DATA / "xstest_prompts.jsonl"),
                               "format": "xstest", "optional": "true"})
     evals += [(f"xstest:{r['id']}", r["prompt"]) for r in xstest or []]
-    encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
-    sims = encoder.embed([text for _, text in train]) @ encoder.embed([text for _, text in evals]).T
-    nearest = sims.argmax(axis=1)
-    close = [(row_id, evals[j][0], round(float(sims[i, j]), 2))
-             for i, ((row_id, _), j) in enumerate(zip(train, nearest)) if sims[i, j] >= 0.75]
+    close = _too_close(minilm_dir, train, evals)
     assert not close, f"training prompts too close to eval prompts (training id, eval id, cosine): {close}"
 
 
@@ -224,16 +235,6 @@ def test_val_prompts_are_written_apart_from_the_training_data(minilm_dir):
     """PPO's validation prompts stand in for the eval sets, so they are kept off what SFT, the
     reward model and PPO train on by the eval split's own rule: below MiniLM cosine 0.75 to
     every training user turn (a random cut of the training prompts holds near-copies of them)."""
-    from pipeline.rbrm.embedding import EmbeddingBackend
-
-    train = [(r["id"], r["prompt"]) for r in _rows("prompts.jsonl") if r["split"] == "train"]
-    train += [(r["id"], m["content"]) for r in _rows("sft.jsonl") for m in r["messages"] if m["role"] == "user"]
-    train += [(r["id"], r["prompt"]) for r in _rows("preferences.jsonl")]
-    train += [(r["id"], r["prompt"]) for r in _rows("grader_train.jsonl") + _rows("grader_check.jsonl")]
     val = [(r["id"], r["prompt"]) for r in _rows("val_prompts.jsonl")]
-    encoder = EmbeddingBackend(str(minilm_dir), device="cpu")
-    sims = encoder.embed([text for _, text in val]) @ encoder.embed([text for _, text in train]).T
-    nearest = sims.argmax(axis=1)
-    close = [(row_id, train[j][0], round(float(sims[i, j]), 2))
-             for i, ((row_id, _), j) in enumerate(zip(val, nearest)) if sims[i, j] >= 0.75]
+    close = _too_close(minilm_dir, val, _training_turns())
     assert not close, f"validation prompts too close to training data (validation id, training id, cosine): {close}"
