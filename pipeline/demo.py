@@ -152,7 +152,7 @@ def run(config_dir: str = "configs") -> dict:
     if ppo_metrics.get("validation_selected"):
         from pipeline.ppo.validation import describe
 
-        print(f"  ppo: kept the policy of {describe(ppo_metrics['validation_selected'])} (held-out training prompts)")
+        print(f"  ppo: kept the policy of {describe(ppo_metrics['validation_selected'])} (on its validation prompts)")
     print("\n" + "\n".join(out["table"]))
     print("\n  report:  " + out["files"]["report"])
     for chart in out["files"]["charts"]:
@@ -255,7 +255,7 @@ def run_seeds(seeds: list[int], config_dir: str = "configs") -> dict:
         if chosen:
             from pipeline.ppo.validation import describe
 
-            print(f"  ppo seed {seed}: kept the policy of {describe(chosen)} (held-out training prompts)")
+            print(f"  ppo seed {seed}: kept the policy of {describe(chosen)} (on its validation prompts)")
     print("\nFigures in %; refusal F1 = harmonic mean of harmful prompts refused and safe prompts answered.\n")
     print("\n".join(table))
     return {"wall_time_s": dict(timings), "sft": sft_metrics, "reward_model": rm_metrics,

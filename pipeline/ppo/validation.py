@@ -1,4 +1,5 @@
-"""PPO validation: refusal rates on held-out training prompts, and choosing the policy to keep.
+"""PPO validation: refusal rates on held-out prompts (a share of the training prompts, or the
+val_prompts file), and choosing the policy to keep.
 
 With few responses a step, where PPO puts the policy's refusal threshold moves from step to
 step: in the demo the same run refused 8.9% of the safe eval prompts at step 30 and 26.7% at
