@@ -45,10 +45,13 @@ def load_train_prompts(cfg: PPOConfig, path: str = ""):
 def load_val_prompts(cfg: PPOConfig, train):
     """``val_prompts``' rows; one that is also a training prompt is an error, as it would make
     validation measure what PPO trained on."""
+    def key(text: str) -> str:
+        return " ".join(text.split()).lower()
+
     val = load_train_prompts(cfg, cfg.val_prompts)
-    seen = {" ".join(p.split()).lower() for p in train["prompt"]}
+    seen = {key(p) for p in train["prompt"]}
     for row_id, prompt in zip(val["id"], val["prompt"]):
-        if " ".join(prompt.split()).lower() in seen:
+        if key(prompt) in seen:
             raise DataError(f"{cfg.val_prompts}: row {row_id} is also a training prompt in {cfg.prompts}; "
                             "validation prompts must be kept apart from the prompts PPO trains on")
     return val

@@ -208,17 +208,16 @@ def setup(cfg: PPOConfig, reward_composer=None):
     ds = load_train_prompts(cfg)
     classes = sorted(set(ds["prompt_class"]))
     val_ds = None
-    if cfg.val_fraction or cfg.val_prompts:
-        if cfg.val_prompts:
-            val_ds = load_val_prompts(cfg, ds)
-        else:
-            ds, val_ds = validation.holdout(ds, cfg.val_fraction, cfg.seed)
-        if cfg.select != "last":
-            missing = [c for c in ("harmful", "safe") if c not in set(val_ds["prompt_class"])]
-            if missing:
-                raise DataError(f"{cfg.val_prompts or cfg.prompts}: select: {cfg.select} weighs harmful against "
-                                f"safe validation prompts, but there are none of class {', '.join(missing)}; add "
-                                "prompts of that class")
+    if cfg.val_prompts:
+        val_ds = load_val_prompts(cfg, ds)
+    elif cfg.val_fraction:
+        ds, val_ds = validation.holdout(ds, cfg.val_fraction, cfg.seed)
+    if val_ds is not None and cfg.select != "last":
+        missing = [c for c in ("harmful", "safe") if c not in set(val_ds["prompt_class"])]
+        if missing:
+            raise DataError(f"{cfg.val_prompts or cfg.prompts}: select: {cfg.select} weighs harmful against "
+                            f"safe validation prompts, but there are none of class {', '.join(missing)}; add "
+                            "prompts of that class")
     unknown = sorted((set(cfg.class_mix) | set(cfg.class_weights) | set(cfg.hold_refusal)) - set(classes))
     if unknown:
         raise ConfigError(f"keys 'class_mix' / 'class_weights' / 'hold_refusal': no training prompt has class "
