@@ -39,8 +39,6 @@ class SFTStageConfig(TrainStageConfig):
     eval_data: str = field("", help="optional held-out conversations; eval loss is reported when set")
     output_dir: str = field("runs/sft", help="run folder: config, logs, metrics and the final model/ go here")
     assistant_only_loss: bool = field(True, help="put the loss on assistant tokens only")
-    group_by_length: bool = field(False, help="batch conversations of similar length together: less padding, so "
-                                  "faster when lengths vary widely; false: plain random batches")
 
 
 def ensure_training_template(tokenizer) -> None:
@@ -82,8 +80,6 @@ def build_trainer(cfg: SFTStageConfig, train_ds, eval_ds=None):
     args = SFTConfig(
         **trainer_kwargs(cfg),
         assistant_only_loss=cfg.assistant_only_loss,
-        # transformers' LengthGroupedSampler: random megabatches, each sorted by length
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
         eval_strategy="steps" if eval_ds is not None else "no",
         eval_steps=max(cfg.logging_steps, 1) * 4,
         dataset_num_proc=None,

@@ -66,27 +66,6 @@ def test_sft_lowers_loss_on_a_fixed_batch_and_changes_weights(tmp_path, tiny_mod
     assert len(changed) == len(before)
 
 
-def test_group_by_length_batches_similar_lengths_together(tmp_path, tiny_model_dir):
-    # Alternating short and long conversations: random batches of 4 mix both, so most of each is
-    # padding; grouped batches hold one length each and pad far less.
-    rows = [{"messages": [{"role": "user", "content": f"Question {i}"},
-                          {"role": "assistant", "content": "word " * (2 if i % 2 else 120)}]} for i in range(32)]
-    data = write_jsonl(tmp_path / "s.jsonl", rows)
-
-    def padded_tokens(**kw):
-        trainer, _ = sft.build_trainer(_cfg(tmp_path, tiny_model_dir, data, per_device_train_batch_size=4, **kw),
-                                       load_sft(str(data)))
-        batches = list(trainer.get_train_dataloader())
-        assert sum(len(b["input_ids"]) for b in batches) == len(rows)  # every row, once
-        return sum(b["input_ids"].numel() for b in batches), sum(int(b["attention_mask"].sum()) for b in batches)
-
-    random_total, real = padded_tokens()
-    grouped_total, grouped_real = padded_tokens(group_by_length=True)
-    assert grouped_real == real
-    assert grouped_total < 0.8 * random_total
-    assert grouped_total <= 1.2 * real  # the sampler moves the longest row to the first batch
-
-
 def test_main_writes_a_complete_run_folder(tmp_path, tiny_model_dir):
     from transformers import AutoModelForCausalLM
 
