@@ -181,10 +181,9 @@ def probs_from_features(f: dict[str, np.ndarray], head: dict) -> np.ndarray:
 def training_rows(data_dir: Path, seed: int = 0) -> list[tuple]:
     """(GradeItem, refuses) pairs from the project's own data.
 
-    SFT demonstrations (harmful: ideal refusals; others: answers) other than those on
-    grader_train.jsonl's prompts, both sides of every preference pair (which side refuses
-    follows from the pair's kind), and, as dodges, answers to safe prompts paired with a
-    different safe prompt.
+    SFT demonstrations (harmful: ideal refusals; others: answers), both sides of every
+    preference pair (which side refuses follows from the pair's kind), and, as dodges,
+    answers to safe prompts paired with a different safe prompt.
     """
     import random
 
@@ -193,10 +192,6 @@ def training_rows(data_dir: Path, seed: int = 0) -> list[tuple]:
     rows = []
     for line in (data_dir / "sft.jsonl").read_text(encoding="utf-8").splitlines():
         r = json.loads(line)
-        if r.get("source") == "grader_train":
-            # a user turn of grader_train.jsonl, which the grader reads as its own set (holding
-            # out a share for validation): taken again here, a held-out prompt would train
-            continue
         msgs = r["messages"]
         rows.append((GradeItem(msgs[-1]["content"], msgs[-2]["content"], r["prompt_class"]),
                      r["prompt_class"] == "harmful"))
